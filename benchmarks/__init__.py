@@ -1,0 +1,1 @@
+"""Latency harness and the benchmark suites that measure edgesmith's performance goals."""

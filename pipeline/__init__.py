@@ -1,0 +1,1 @@
+"""edgesmith's pipeline: recipe → model → stages → ONNX export (parity gate) → per-target compile → benchmark."""

@@ -1,0 +1,125 @@
+"""The `edgesmith` command. It only builds a recipe and calls `pipeline.run.run`; no pipeline logic lives here."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import EdgesmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress, export, compile and benchmark PyTorch models for edge devices.")
+targets_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                          help="List device profiles; `targets show NAME` prints one.")
+app.add_typer(targets_app, name="targets")
+# Piped output keeps full-width tables rather than rich's 80-column fallback.
+stdout = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
+
+
+def _default_cache_dir() -> Path:
+    explicit = os.environ.get("EDGESMITH_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgesmith"
+
+
+@contextmanager
+def _user_errors(debug: bool = False):
+    """Known errors become one line on stderr and exit code 2; --debug shows the traceback instead."""
+    from models import UnknownModelError
+    from targets import ProfileError
+
+    try:
+        yield
+    except (EdgesmithError, ProfileError, UnknownModelError) as exc:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(profiles_dir: Optional[list[Path]] = typer.Option(
+        None, "--profiles-dir", help="Extra folder(s) of device profile YAML files (also EDGESMITH_PROFILES).")):
+    if profiles_dir:
+        current = [p for p in os.environ.get("EDGESMITH_PROFILES", "").split(os.pathsep) if p]
+        os.environ["EDGESMITH_PROFILES"] = os.pathsep.join(current + [str(p) for p in profiles_dir])
+
+
+@app.command()
+def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the built-in default recipe if omitted."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a field: key.path=value (repeatable)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<recipe name>)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Stage cache (default: "
+                                                 "$EDGESMITH_CACHE_DIR or ~/.cache/edgesmith)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step, replacing cached ones."),
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Run a recipe: model → stages → ONNX export (parity gate) → per-target compile and benchmark."""
+    with _user_errors(debug):
+        from pipeline.recipe import load_recipe
+
+        resolved = load_recipe(recipe, set_ or [])
+        if dry_run:
+            stdout.print(resolved.to_yaml(), highlight=False, end="")
+            return
+        from pipeline import report
+        from pipeline.run import run as run_pipeline
+
+        result = run_pipeline(resolved, out or Path("runs") / resolved.name, cache_dir or _default_cache_dir(),
+                              use_cache=not no_cache)
+        stdout.print(report.table(result.rows))
+        stdout.print(f"run folder: {result.out_dir}  (executed: {', '.join(result.executed) or 'nothing, all cached'})")
+
+
+@app.command("models")
+def models_cmd():
+    """List the registered models with their defaults."""
+    import models
+
+    table = Table(title="registered models")
+    for col in ("name", "description", "arguments"):
+        table.add_column(col)
+    for entry in models.entries():
+        args = ", ".join(f"{k}={v}" for k, v in entry.defaults().items())
+        table.add_row(entry.name, entry.summary, args)
+    stdout.print(table)
+
+
+@targets_app.callback()
+def targets_list(ctx: typer.Context):
+    """List device profiles."""
+    if ctx.invoked_subcommand:
+        return
+    with _user_errors():
+        from targets import list_profiles, load_profile
+
+        table = Table(title="device profiles")
+        for col in ("name", "arch", "backends", "quant scheme", "description"):
+            table.add_column(col)
+        for name in list_profiles():
+            p = load_profile(name)
+            table.add_row(p.name, p.arch, ", ".join(p.backends), p.quant_scheme, p.description)
+        stdout.print(table)
+
+
+@targets_app.command("show")
+def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesmith targets`).")):
+    """Print one device profile, with host facts filled in where it asks for them."""
+    with _user_errors():
+        from targets import load_profile
+
+        stdout.print(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False), highlight=False,
+                     end="")
+
+
+def entry() -> None:
+    sys.exit(app())

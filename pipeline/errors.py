@@ -1,0 +1,44 @@
+"""One small exception hierarchy. Every message names the bad value, the valid choices and the fix.
+
+The CLI prints `str(error)` on one line and exits non-zero; nothing else in the project catches broadly.
+"""
+
+
+class EdgesmithError(Exception):
+    """Base of every error a user can cause and fix."""
+
+
+class RecipeError(EdgesmithError):
+    """The recipe (file, field or --set override) is invalid."""
+
+
+class ModelError(EdgesmithError):
+    """The model cannot be built, or declares no usable input spec."""
+
+
+class CheckpointError(EdgesmithError):
+    """A checkpoint file cannot be read safely or does not match the model."""
+
+
+class DataError(EdgesmithError):
+    """A data set cannot be read or does not fit the model."""
+
+
+class ExportError(EdgesmithError):
+    """ONNX export or its checks failed."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs differ from torch's beyond the recipe's tolerance."""
+
+
+class TargetError(EdgesmithError):
+    """A device profile or backend is unknown, invalid or unusable here."""
+
+
+class TrainingError(EdgesmithError):
+    """Training diverged (NaN loss) or cannot run."""
+
+
+class BudgetError(EdgesmithError):
+    """A stage lost more accuracy than the recipe's budget allows."""

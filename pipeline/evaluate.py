@@ -1,0 +1,55 @@
+"""Accuracy for torch and ONNX models on the validation split, and model size (params, MACs)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import InputSpec
+from pipeline.data import Dataset
+from pipeline.errors import DataError
+
+
+@torch.inference_mode()
+def torch_accuracy(model: nn.Module, data: Dataset, batch_size: int) -> float | None:
+    """Top-1 accuracy in percent, or None for unlabelled data (reported as n/a, never 0)."""
+    if not data.labelled:
+        return None
+    model.eval()
+    correct = 0
+    for xs, y in data.batches(data.val, batch_size):
+        logits = model(*xs)
+        check_labels(logits, y)
+        correct += int((logits.argmax(-1) == y).sum())
+    return 100.0 * correct / len(data.val)
+
+
+def onnx_accuracy(runner, data: Dataset, specs: tuple[InputSpec, ...], batch_size: int) -> float | None:
+    if not data.labelled:
+        return None
+    correct = 0
+    for xs, y in data.batches(data.val, batch_size):
+        logits = runner(feeds(xs, specs))[0]
+        correct += int((np.argmax(logits, -1) == y.numpy()).sum())
+    return 100.0 * correct / len(data.val)
+
+
+def feeds(xs: tuple[torch.Tensor, ...], specs: tuple[InputSpec, ...]) -> dict[str, np.ndarray]:
+    return {spec.name: x.numpy() for x, spec in zip(xs, specs)}
+
+
+def check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
+    if logits.ndim != 2:
+        raise DataError(f"the model outputs shape {list(logits.shape)}; classification needs (batch, classes)")
+    if int(y.max()) >= logits.shape[-1]:
+        raise DataError(f"the data has labels up to {int(y.max())} but the model outputs {logits.shape[-1]} classes; "
+                        f"set model.kwargs.num_classes: {int(y.max()) + 1}")
+
+
+def model_size(model: nn.Module, specs: tuple[InputSpec, ...]) -> tuple[int, int]:
+    """(parameters, multiply-accumulates for one sample), counted by Torch-Pruning's op counter."""
+    import torch_pruning as tp
+
+    example = tuple(spec.example(1) for spec in specs)
+    macs, params = tp.utils.count_ops_and_params(model.eval(), example[0] if len(example) == 1 else example)
+    return int(params), int(macs)

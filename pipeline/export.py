@@ -1,0 +1,138 @@
+"""ONNX export with an explicit exporter, checks on the written file, and the torch↔ONNX Runtime parity gate."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from models import InputSpec
+from pipeline.data import Dataset
+from pipeline.errors import ExportError, ParityError
+from pipeline.evaluate import feeds
+from pipeline.recipe import ExportConfig, ParityConfig
+from targets.backends.onnxruntime import OrtRunner
+
+EXAMPLE_BATCH = 2  # ≥ 2: with batch 1 the exporter may specialise the batch axis (DESIGN.md §3)
+
+
+def output_names(model: nn.Module, specs: tuple[InputSpec, ...]) -> list[str]:
+    with torch.inference_mode():
+        out = model(*(s.example(EXAMPLE_BATCH) for s in specs))
+    count = len(out) if isinstance(out, (tuple, list)) else 1
+    return ["logits"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfig, path: Path) -> dict:
+    """Writes one self-contained ONNX file at `path` (atomically) and returns facts about it."""
+    model = model.eval()
+    outputs = output_names(model, specs)
+    example = tuple(s.example(EXAMPLE_BATCH, torch.Generator().manual_seed(0)) for s in specs)
+    axes = {s.name: dict(s.dynamic_axes) for s in specs}
+    axes.update({name: {0: "batch"} for name in outputs if any("batch" in a.values() for a in axes.values())})
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        with _quiet_exporter():
+            if cfg.exporter == "dynamo":
+                torch.onnx.export(model, example, str(tmp), dynamo=True, external_data=False, opset_version=cfg.opset,
+                                  input_names=[s.name for s in specs], output_names=outputs, dynamic_axes=axes,
+                                  verbose=False, optimize=True)
+            else:
+                torch.onnx.export(model, example, str(tmp), dynamo=False, opset_version=cfg.opset,
+                                  input_names=[s.name for s in specs], output_names=outputs, dynamic_axes=axes,
+                                  do_constant_folding=True)
+    except Exception as exc:  # the exporters raise many unrelated types; report the op-level cause in one line
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first_line(exc)}; "
+                          f"try export.exporter: {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}") from exc
+    proto = onnx.load(str(tmp))
+    if cfg.slim:
+        proto = _slim(proto)
+    _check_dynamic_axes(proto, specs)
+    onnx.save(proto, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"exported ONNX fails onnx.checker: {_first_line(exc)}") from None
+    os.replace(tmp, path)
+    return {"exporter": cfg.exporter, "opset": cfg.opset, "slim": cfg.slim, "outputs": outputs,
+            "nodes": len(proto.graph.node), "onnx_bytes": path.stat().st_size}
+
+
+def write_io_spec(path: Path, specs: tuple[InputSpec, ...], outputs: list[str]) -> None:
+    """io.json: what a runtime needs to feed the model (names, shapes, dtypes, dynamic axes, normalisation)."""
+    path.write_text(json.dumps({"inputs": [s.to_dict() for s in specs],
+                                "outputs": [{"name": n, "dtype": "float32"} for n in outputs]}, indent=2))
+
+
+def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[InputSpec, ...],
+                 cfg: ParityConfig, batch_size: int) -> dict:
+    """ONNX Runtime vs torch on real validation inputs; raises ParityError past the recipe's tolerance."""
+    runner = OrtRunner(onnx_path)
+    max_diff, agree, seen = 0.0, 0, 0
+    with torch.inference_mode():
+        for xs, _ in data.batches(data.val, batch_size):
+            if seen >= cfg.samples:
+                break
+            reference = model(*xs)
+            reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).numpy()
+            actual = runner(feeds(xs, specs))[0]
+            max_diff = max(max_diff, float(np.max(np.abs(reference - actual))))
+            agree += int((reference.argmax(-1) == actual.argmax(-1)).sum())
+            seen += len(reference)
+    result = {"samples": seen, "max_abs_diff": max_diff, "top1_agreement": agree / seen,
+              "tolerance": cfg.model_dump()}
+    if max_diff > cfg.max_abs_diff or result["top1_agreement"] < cfg.min_top1_agreement:
+        raise ParityError(f"parity gate failed on {seen} validation inputs: max |torch−onnx| = {max_diff:.3g} "
+                          f"(allowed {cfg.max_abs_diff:g}), top-1 agreement {result['top1_agreement']:.4f} "
+                          f"(required {cfg.min_top1_agreement:g}); loosen export.parity or check the model's ops")
+    return result
+
+
+def _check_dynamic_axes(proto: onnx.ModelProto, specs: tuple[InputSpec, ...]) -> None:
+    """The exporter can specialise a dynamic axis without error; verify on the file itself."""
+    by_name = {i.name: i for i in proto.graph.input}
+    for spec in specs:
+        dims = by_name[spec.name].type.tensor_type.shape.dim
+        for axis, label in spec.dynamic_axes.items():
+            if not dims[axis].dim_param:
+                raise ExportError(f"exported input '{spec.name}' has a fixed {label} axis {axis} "
+                                  f"(= {dims[axis].dim_value}); the model specialises it during tracing — "
+                                  "avoid shape-dependent Python branches or use export.exporter: torchscript")
+
+
+def _slim(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return onnxslim.slim(proto)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters print progress and warnings that say nothing to our users; keep errors."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,117 @@
+"""Building the model a recipe names (registry or a user's factory) and moving models across stage files.
+
+A model artifact is a folder: `model.safetensors` (weights, no pickle) and `arch.json` (how to rebuild the
+module and its input spec). Files, not live objects, cross stage boundaries.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+import models
+from models import InputSpec, input_spec_of
+from pipeline.checkpoint import apply_state_dict, read_state_dict
+from pipeline.errors import ModelError
+from pipeline.recipe import ModelConfig
+
+WEIGHTS = "model.safetensors"
+ARCH = "arch.json"
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The recipe's model with its checkpoint applied, in eval mode."""
+    model = _construct(cfg)
+    if cfg.checkpoint:
+        apply_state_dict(model, read_state_dict(cfg.checkpoint), str(cfg.checkpoint))
+    return model.eval()
+
+
+def input_specs(model: nn.Module, cfg: ModelConfig) -> tuple[InputSpec, ...]:
+    """The recipe's `model.inputs` wins over what the module declares; one of them must exist."""
+    if cfg.inputs:
+        return tuple(InputSpec(name=i.name, shape=tuple(i.shape), dtype=i.dtype, dynamic_axes=dict(i.dynamic_axes),
+                               mean=tuple(i.mean) if i.mean else None, std=tuple(i.std) if i.std else None,
+                               value_range=tuple(i.value_range) if i.value_range else None) for i in cfg.inputs)
+    declared = input_spec_of(model)
+    if not declared:
+        raise ModelError(f"model '{cfg.name or cfg.factory}' declares no input spec; add model.inputs to the recipe, "
+                         "e.g. inputs: [{name: input, shape: [1, 3, 224, 224]}]")
+    return declared
+
+
+def source_fingerprint(cfg: ModelConfig) -> str:
+    """Hash of the code that defines the model, so editing a user's model file invalidates the cache."""
+    factory = models.get_entry(cfg.name).factory if cfg.name else _resolve_factory(cfg.factory)
+    try:
+        source = Path(inspect.getsourcefile(factory)).read_bytes()
+    except (TypeError, OSError):
+        source = repr(factory).encode()
+    return hashlib.sha256(source).hexdigest()
+
+
+def save_model_artifact(model: nn.Module, cfg: ModelConfig, specs: tuple[InputSpec, ...], out_dir: Path) -> None:
+    save_model(model, str(out_dir / WEIGHTS))  # handles tied weights; plain tensors only
+    arch = {"model": cfg.model_dump(mode="json"), "inputs": [s.to_dict() for s in specs]}
+    (out_dir / ARCH).write_text(json.dumps(arch, indent=2))
+
+
+def load_model_artifact(artifact: Path) -> tuple[nn.Module, tuple[InputSpec, ...]]:
+    arch = json.loads((artifact / ARCH).read_text())
+    cfg = ModelConfig(**arch["model"])
+    model = _construct(cfg.model_copy(update={"kwargs": {**cfg.kwargs, **_no_download(cfg)}}))
+    load_model(model, str(artifact / WEIGHTS), strict=True)
+    return model.eval(), tuple(InputSpec.from_dict(s) for s in arch["inputs"])
+
+
+def _no_download(cfg: ModelConfig) -> dict:
+    # The artifact's own weights replace any pretrained ones; skip loading those again.
+    return {"pretrained": False} if cfg.kwargs.get("pretrained") else {}
+
+
+def _construct(cfg: ModelConfig) -> nn.Module:
+    if cfg.name:
+        try:
+            return models.create(cfg.name, **cfg.kwargs)
+        except (TypeError, ValueError, FileNotFoundError) as exc:
+            raise ModelError(f"model '{cfg.name}': {exc}") from None
+    factory = _resolve_factory(cfg.factory)
+    try:
+        model = factory(**cfg.kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model.factory '{cfg.factory}' rejected model.kwargs: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _resolve_factory(ref: str):
+    module_ref, _, attr = ref.rpartition(":")
+    if module_ref.endswith(".py"):
+        path = Path(module_ref).resolve()
+        if not path.is_file():
+            raise ModelError(f"model.factory file '{module_ref}' does not exist; give a path to a .py file")
+        name = f"edgesmith_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_ref)
+        except ImportError as exc:
+            raise ModelError(f"model.factory module '{module_ref}' cannot be imported ({exc}); "
+                             "is it installed or on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"model.factory '{ref}': '{attr}' is not a callable in {module_ref}")
+    return factory

@@ -1,0 +1,245 @@
+"""Recipes: YAML validated with pydantic before any work; frozen once loaded.
+
+Every error is one line naming the field, the bad value and the valid choices.
+"""
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import models
+from pipeline.errors import RecipeError
+from targets import ProfileError, list_profiles
+
+DEFAULT_RECIPE = "default.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(Strict):
+    """An input spec given in the recipe, for models that declare none (users' own architectures)."""
+    name: str = "input"
+    shape: list[int] = Field(min_length=1)
+    dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
+    dynamic_axes: dict[int, str] = {0: "batch"}
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    value_range: tuple[int, int] | None = None
+
+
+class ModelConfig(Strict):
+    name: str | None = None
+    factory: str | None = None     # "package.module:function" or "path/to/file.py:function"
+    kwargs: dict[str, Any] = {}
+    checkpoint: Path | None = None  # .safetensors, or .pt/.pth loaded with weights_only=True
+    inputs: list[InputConfig] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of model.name (a registered model) or model.factory "
+                             "('package.module:function' or 'file.py:function')")
+        if self.name is not None and self.name not in models.list_models():
+            raise ValueError(f"unknown model '{self.name}'{_suggest(self.name, models.list_models())}; "
+                             f"registered models: {', '.join(models.list_models())}")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model.factory '{self.factory}' must look like 'package.module:function' "
+                             "or 'path/to/file.py:function'")
+        return self
+
+
+class DataConfig(Strict):
+    name: Literal["mnist5k", "digits", "image_folder", "npz", "synthetic"]
+    path: Path | None = None        # image_folder: one sub-folder per class; npz: arrays x and y
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+    samples: int = Field(default=256, ge=1)   # synthetic: how many random inputs
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.name in ("image_folder", "npz") and self.path is None:
+            raise ValueError(f"data '{self.name}' needs data.path")
+        return self
+
+
+class TrainStage(Strict):
+    kind: Literal["train"]
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    augment: bool = True            # small random affine jitter of image inputs
+    seed: int = 0
+
+
+Stage = Annotated[Union[TrainStage], Field(discriminator="kind")]
+
+
+class ParityConfig(Strict):
+    max_abs_diff: float = Field(default=1e-3, gt=0)
+    min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
+    samples: int = Field(default=256, ge=1)
+
+
+class ExportConfig(Strict):
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: int = Field(default=18, ge=13, le=23)
+    slim: bool = True               # onnxslim: constant folding and graph clean-up
+    parity: ParityConfig = ParityConfig()
+
+    @model_validator(mode="after")
+    def _dynamo_opset(self):
+        if self.exporter == "dynamo" and self.opset < 18:  # dynamo silently rewrites opset < 18 to 18
+            raise ValueError(f"export.opset {self.opset} needs exporter 'torchscript'; dynamo exports opset ≥ 18")
+        return self
+
+
+class BenchConfig(Strict):
+    warmup: int = Field(default=20, ge=0)
+    runs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class BudgetConfig(Strict):
+    max_accuracy_drop: float | None = Field(default=None, ge=0)   # points, against the uncompressed model
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage] = []
+    export: ExportConfig = ExportConfig()
+    bench: BenchConfig = BenchConfig()
+    targets: list[str] = ["x86-host"]
+    budget: BudgetConfig = BudgetConfig()
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        try:
+            valid = list_profiles()
+        except ProfileError as exc:
+            raise ValueError(str(exc)) from None
+        for t in targets:
+            if t not in valid:
+                raise ValueError(f"unknown target '{t}'{_suggest(t, valid)}; valid targets: {', '.join(valid)}")
+        return targets
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _suggest(bad: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(bad, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_recipe(path: Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Reads a recipe file (or the built-in default), applies `--set key=value` overrides and validates."""
+    source = str(path) if path else f"built-in {DEFAULT_RECIPE}"
+    raw = _read_yaml(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_recipe(raw, source)
+
+
+def validate_recipe(raw: dict, source: str) -> Recipe:
+    try:
+        return Recipe(**raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_one_line(exc)}") from None
+
+
+def _read_yaml(path: Path | None) -> dict:
+    try:
+        text = path.read_text() if path else resources.files("pipeline.recipes").joinpath(DEFAULT_RECIPE).read_text()
+    except OSError as exc:
+        raise RecipeError(f"recipe file '{path}' cannot be read ({exc.strerror}); check the path") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of fields (name, model, data, ...), got {type(data).__name__}")
+    return data
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    # Discriminated unions put the tag name in the location (stages.0.train.epochs): drop it.
+    loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1].isdigit() and p in _STAGE_KINDS)]
+    field = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = f"; valid fields: {', '.join(parent.model_fields)}" if parent else ""
+        return f"field '{field}' is not allowed{_suggest(loc[-1], list(parent.model_fields) if parent else [])}{valid}"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or err["type"] in ("missing", "value_error") else f" (got {value!r})"
+    return f"field '{field}': {msg}{shown}"
+
+
+_STAGE_KINDS = {"train"}
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at a field path, to list its valid fields."""
+    current: type[BaseModel] = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _model_in_annotation(field.annotation)
+        if inner is None:
+            return None
+        current = inner
+    return current
+
+
+def _model_in_annotation(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in_annotation(arg)
+        if found:
+            return found
+    return None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`a.b.0.c=value`: the value is parsed as YAML, so numbers, booleans, lists and null keep their types."""
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}' must look like key.path=value (e.g. stages.0.epochs=2)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set '{key}': '{where}' is not an index of a list of {len(node)} items")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set '{key}': '{'.'.join(parts[:i])}' is a value, not a section")
+        if last:
+            node[part] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]

@@ -1,0 +1,238 @@
+"""The whole pipeline order in one function (`run`); each step is cached by content and published to the run
+folder as soon as it finishes, so a failure or kill later loses nothing already done."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from models import InputSpec
+from pipeline import report
+from pipeline.bench import bench_artifact
+from pipeline.cache import Store, atomic_write_json, atomic_write_text, content_key, file_sha256, publish
+from pipeline.data import Dataset, load_dataset
+from pipeline.errors import BudgetError, CheckpointError, TargetError
+from pipeline.evaluate import model_size, onnx_accuracy, torch_accuracy
+from pipeline.export import check_parity, export_onnx, write_io_spec
+from pipeline.model_source import (build_model, input_specs, load_model_artifact, save_model_artifact,
+                                   source_fingerprint)
+from pipeline.progress import console
+from pipeline.recipe import Recipe
+from pipeline.stages import StageContext, stage_functions
+from pipeline.versions import tool_versions
+from targets import Profile, ProfileError, load_profile
+from targets.backends import get_backend
+from targets.profile import cpu_model
+
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class Step:
+    kind: str
+    key: str
+    artifact: Path
+    cached: bool
+    seconds: float
+    sidecar: dict
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    steps: list[Step]
+    rows: list[dict]
+
+    @property
+    def executed(self) -> list[str]:
+        return [s.kind for s in self.steps if not s.cached]
+
+
+def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True) -> RunResult:
+    ctx = _RunContext(recipe, Path(out_dir), Store(cache_dir), use_cache)
+    artifact = ctx.model_step()
+    for index, stage in enumerate(recipe.stages, start=1):
+        artifact = ctx.stage_step(index, stage, artifact)
+    onnx_step = ctx.export_step(artifact)
+    for profile in ctx.profiles:
+        ctx.target_step(profile, onnx_step)
+    return ctx.finish()
+
+
+@dataclass
+class _RunContext:
+    recipe: Recipe
+    out_dir: Path
+    store: Store
+    use_cache: bool
+    steps: list[Step] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    _data: Dataset | None = None
+
+    def __post_init__(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store.sweep_stale()
+        atomic_write_text(self.out_dir / "recipe.yaml", self.recipe.to_yaml())
+        try:  # profiles are resolved before any work, so a bad one costs nothing
+            self.profiles: list[Profile] = [load_profile(t) for t in self.recipe.targets]
+        except ProfileError as exc:
+            raise TargetError(str(exc)) from None
+
+    # ---- the steps -------------------------------------------------------------------------------------------
+    def model_step(self) -> Step:
+        cfg = self.recipe.model
+        checkpoint = self._file_hash(cfg.checkpoint) if cfg.checkpoint else None
+        key = content_key("model", cfg.model_dump(mode="json"), source_fingerprint(cfg), checkpoint, tool_versions())
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            model = build_model(cfg)
+            specs = input_specs(model, cfg)
+            save_model_artifact(model, cfg, specs, tmp)
+            sidecar["metrics"] = self._measure_torch(model, specs, evaluate=cfg.checkpoint is not None)
+
+        return self._cached("model", key, build, self.out_dir / "stages" / "00-model", {"checkpoint_sha256": checkpoint})
+
+    def stage_step(self, index: int, stage, previous: Step) -> Step:
+        key = content_key(stage.kind, previous.key, stage.model_dump(mode="json"), self._data_key(), tool_versions())
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            model, specs = load_model_artifact(previous.artifact)
+            context = StageContext(specs=specs, eval_batch_size=self.recipe.data.eval_batch_size)
+            result = stage_functions()[stage.kind](stage, model, self.dataset(specs), context)
+            save_model_artifact(result.model, self.recipe.model, specs, tmp)
+            sidecar["stage_metrics"] = result.metrics
+            sidecar["metrics"] = self._measure_torch(result.model, specs, evaluate=True)
+
+        name = f"{index:02d}-{stage.kind}"
+        step = self._cached(stage.kind, key, build, self.out_dir / "stages" / name, {"input": previous.key})
+        self._check_budget()
+        return step
+
+    def export_step(self, previous: Step) -> Step:
+        cfg = self.recipe.export
+        key = content_key("export", previous.key, cfg.model_dump(mode="json"), self._data_key(), tool_versions())
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            model, specs = load_model_artifact(previous.artifact)
+            facts = export_onnx(model, specs, cfg, tmp / ONNX_FILE)
+            write_io_spec(tmp / "io.json", specs, facts["outputs"])
+            batch = self.recipe.data.eval_batch_size
+            data = self.dataset(specs)
+            parity = check_parity(model, tmp / ONNX_FILE, data, specs, cfg.parity, batch)
+            runner = get_backend("onnxruntime").load(tmp / ONNX_FILE)
+            sidecar["export"] = facts
+            sidecar["metrics"] = {**previous.sidecar["metrics"], "onnx_bytes": facts["onnx_bytes"], "parity": parity,
+                                  "accuracy": onnx_accuracy(runner, data, specs, batch)}
+
+        step = self._cached("export", key, build, self.out_dir / "export", {"input": previous.key})
+        self._check_budget()
+        return step
+
+    def target_step(self, profile: Profile, onnx_step: Step) -> Step:
+        backend = self._choose_backend(profile)
+        compile_key = content_key("compile", onnx_step.key, profile.model_dump(mode="json"), backend, tool_versions())
+
+        def build_compiled(tmp: Path, sidecar: dict) -> None:
+            get_backend(backend).compile(onnx_step.artifact / ONNX_FILE, profile, tmp)
+            sidecar["backend"], sidecar["profile"] = backend, profile.name
+
+        compiled = self._cached("compile", compile_key, build_compiled,
+                                self.out_dir / "targets" / profile.name / "artifact", {"input": onnx_step.key})
+        bench_key = content_key("bench", compiled.key, self.recipe.bench.model_dump(mode="json"), _host_fingerprint())
+
+        def build_bench(tmp: Path, sidecar: dict) -> None:
+            artifact = compiled.artifact / get_backend(backend).ARTIFACT
+            stats = bench_artifact(backend, artifact, profile, self.specs(onnx_step), self.recipe.bench)
+            sidecar["latency_ms"] = stats.to_dict()
+            sidecar.update(backend=backend, profile=profile.name, measured_on=_host_fingerprint())
+
+        bench = self._cached("bench", bench_key, build_bench, None, {"input": compiled.key})
+        atomic_write_json(self.out_dir / "targets" / profile.name / "bench.json", bench.sidecar)
+        return bench
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def _cached(self, kind: str, key: str, build: Callable[[Path, dict], None], publish_to: Path | None,
+                inputs: dict) -> Step:
+        start = time.time()
+        artifact = self.store.get(kind, key) if self.use_cache else None
+        cached = artifact is not None
+        if not cached:
+            console.print(f"[bold cyan]▶ {kind}[/] running")
+            if not self.use_cache:
+                self.store.discard(kind, key)
+            sidecar = {"kind": kind, "inputs": inputs, "recipe": self.recipe.name, "versions": tool_versions()}
+            with self.store.build(kind, key, sidecar) as tmp:
+                build(tmp, sidecar)
+            artifact = self.store.get(kind, key)
+        step = Step(kind, key, artifact, cached, time.time() - start, self.store.sidecar(artifact))
+        console.print(f"[green]✔ {kind}[/] {'cached' if cached else 'done'} in {step.seconds:.1f}s")
+        if publish_to is not None:
+            publish(artifact, publish_to)
+        self.steps.append(step)
+        return step
+
+    def dataset(self, specs: tuple[InputSpec, ...]) -> Dataset:
+        """Loaded on first use only: a fully cached re-run never reads the data set."""
+        if self._data is None:
+            self._data = load_dataset(self.recipe.data, specs)
+        return self._data
+
+    def specs(self, step: Step) -> tuple[InputSpec, ...]:
+        arch = step.artifact / "arch.json"
+        if arch.is_file():
+            return tuple(InputSpec.from_dict(s) for s in json.loads(arch.read_text())["inputs"])
+        return tuple(InputSpec.from_dict(s) for s in json.loads((step.artifact / "io.json").read_text())["inputs"])
+
+    def _measure_torch(self, model, specs, *, evaluate: bool) -> dict:
+        params, macs = model_size(model, specs)
+        accuracy = torch_accuracy(model, self.dataset(specs), self.recipe.data.eval_batch_size) if evaluate else None
+        return {"accuracy": accuracy, "params": params, "macs": macs}
+
+    def _data_key(self) -> dict:
+        cfg = self.recipe.data.model_dump(mode="json")
+        if self.recipe.data.path:
+            cfg["content"] = _path_fingerprint(self.recipe.data.path)
+        return cfg
+
+    def _file_hash(self, path: Path) -> str:
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint '{path}' does not exist; fix model.checkpoint")
+        return file_sha256(Path(path))
+
+    def _choose_backend(self, profile: Profile) -> str:
+        reasons = []
+        for name in profile.backends:
+            reason = get_backend(name).unavailable_reason()
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+        raise TargetError(f"target '{profile.name}': no backend can run here ({'; '.join(reasons)})")
+
+    def _check_budget(self) -> None:
+        """Stops the run at the stage that overspent; the report of what finished is written first."""
+        rows = report.rows(self.steps)
+        try:
+            report.check_budget(rows, self.recipe.budget.max_accuracy_drop)
+        except BudgetError:
+            report.write(self.out_dir, self.recipe, self.steps, rows, self.started)
+            raise
+
+    def finish(self) -> RunResult:
+        rows = report.rows(self.steps)
+        report.write(self.out_dir, self.recipe, self.steps, rows, self.started)
+        return RunResult(self.out_dir, self.steps, rows)
+
+
+def _host_fingerprint() -> str:
+    return f"{platform.node()}|{platform.machine()}|{cpu_model()}"
+
+
+def _path_fingerprint(path: Path) -> list:
+    """Names, sizes and modification times of a data path: cheap, and changes when the data does."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files if p.exists()]

@@ -1,0 +1,32 @@
+"""Stages: one frozen config + one function each, keyed by the recipe's `kind`.
+
+Contract: `run(cfg, model, data, ctx) -> StageResult`. A stage receives a freshly loaded model (files, not live
+objects, cross stage boundaries), returns the model it produced and its metrics; the orchestrator saves,
+measures and caches it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from models import InputSpec
+
+
+@dataclass(frozen=True)
+class StageContext:
+    specs: tuple[InputSpec, ...]
+    eval_batch_size: int
+
+
+@dataclass
+class StageResult:
+    model: nn.Module
+    metrics: dict = field(default_factory=dict)
+
+
+def stage_functions() -> dict[str, Callable]:
+    from pipeline.stages import train
+
+    return {"train": train.run}

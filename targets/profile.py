@@ -1,0 +1,134 @@
+"""Device profiles: one YAML file per device in targets/profiles/ (data, not code), validated like recipes.
+
+Users add their own profile files through `--profiles-dir` or the EDGESMITH_PROFILES environment variable
+(os.pathsep-separated directories); a user profile with a built-in's name replaces it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+BUILTIN_DIR = Path(__file__).parent / "profiles"
+PROFILES_ENV = "EDGESMITH_PROFILES"
+
+
+class ProfileError(ValueError):
+    """A profile is unknown or invalid; the message names the file, field and valid choices."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorRTSettings(_Strict):
+    major: int = Field(ge=8, le=11)
+    dla_core: int | None = Field(default=None, ge=0)
+    workspace_mb: int = Field(default=1024, gt=0)
+    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp16", "int8"]
+
+
+class TVMSettings(_Strict):
+    target: dict
+    cc: str | None = None            # cross compiler for export_library; None = host compiler
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    arch: Literal["x86_64", "aarch64", "armv7l"]
+    cpu: str = "unknown"
+    isa: list[str] = []
+    gpu_sm: int | None = None
+    memory_gb: float | None = Field(default=None, gt=0)
+    backends: list[Literal["onnxruntime", "tvm", "tensorrt"]] = Field(min_length=1)
+    quant_scheme: Literal["tensorrt", "ort-x86", "ort-arm"]
+    channel_multiple: int = Field(default=8, ge=1)
+    threads: int | None = Field(default=None, ge=1)   # None: all cores of the machine it runs on
+    tensorrt: TensorRTSettings | None = None
+    tvm: TVMSettings | None = None
+    rpc_key: str | None = None
+    detect_host: bool = False        # fill arch/cpu/isa from the machine this runs on
+
+    @property
+    def is_host(self) -> bool:
+        return self.arch == platform.machine()
+
+
+def profile_dirs(extra: list[Path] | None = None) -> list[Path]:
+    env = [Path(p) for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    return [BUILTIN_DIR, *env, *(extra or [])]
+
+
+def _profile_files(extra: list[Path] | None = None) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for directory in profile_dirs(extra):
+        if not directory.is_dir():
+            raise ProfileError(f"profile directory '{directory}' does not exist; fix {PROFILES_ENV} or --profiles-dir")
+        for path in sorted(directory.glob("*.yaml")):
+            files[path.stem] = path  # later directories override earlier ones
+    return files
+
+
+def list_profiles(extra: list[Path] | None = None) -> list[str]:
+    return sorted(_profile_files(extra))
+
+
+def load_profile(name: str, extra: list[Path] | None = None) -> Profile:
+    files = _profile_files(extra)
+    if name not in files:
+        raise ProfileError(f"unknown target '{name}'; valid targets: {', '.join(sorted(files))}")
+    return read_profile_file(files[name])
+
+
+def read_profile_file(path: Path) -> Profile:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of fields, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    try:
+        profile = Profile(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ProfileError(f"{path}: field '{field}': {err['msg']}") from None
+    if profile.name != path.stem:
+        raise ProfileError(f"{path}: name '{profile.name}' differs from the file name; rename one to match")
+    return _with_host_facts(profile) if profile.detect_host else profile
+
+
+def _with_host_facts(profile: Profile) -> Profile:
+    return profile.model_copy(update={"arch": platform.machine(), "cpu": cpu_model(), "isa": _isa_features()})
+
+
+_INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                      "neon", "asimd", "asimddp", "i8mm", "bf16", "sve")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.lower().startswith(("model name", "hardware")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _isa_features() -> list[str]:
+    for line in _cpuinfo().splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in _INTERESTING_FLAGS if f in flags]
+    return []
