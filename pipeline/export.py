@@ -63,6 +63,11 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
     except onnx.checker.ValidationError as exc:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"exported ONNX fails onnx.checker: {_first_line(exc)}") from None
+    try:
+        _check_batch_really_dynamic(tmp, specs)
+    except ExportError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return {"exporter": cfg.exporter, "opset": cfg.opset, "slim": cfg.slim, "outputs": outputs,
             "nodes": len(proto.graph.node), "onnx_bytes": path.stat().st_size}
@@ -108,6 +113,22 @@ def _check_dynamic_axes(proto: onnx.ModelProto, specs: tuple[InputSpec, ...]) ->
                 raise ExportError(f"exported input '{spec.name}' has a fixed {label} axis {axis} "
                                   f"(= {dims[axis].dim_value}); the model specialises it during tracing — "
                                   "avoid shape-dependent Python branches or use export.exporter: torchscript")
+
+
+def _check_batch_really_dynamic(path: Path, specs: tuple[InputSpec, ...]) -> None:
+    """A graph can label its batch axis dynamic yet hard-code the traced size inside (a reshape to 2, say):
+    run the file at a batch size the exporter never saw."""
+    if not all(0 in s.dynamic_axes for s in specs):
+        return
+    probe = EXAMPLE_BATCH + 1
+    try:
+        outputs = OrtRunner(path)({s.name: s.example(probe).numpy() for s in specs})
+    except Exception as exc:  # ORT raises its own exception types for shape errors
+        raise ExportError(f"exported model fails at batch {probe} although its batch axis is dynamic: "
+                          f"{_first_line(exc)}; the model hard-codes the traced batch size") from None
+    if outputs[0].shape[0] != probe:
+        raise ExportError(f"exported model returns batch {outputs[0].shape[0]} for an input batch of {probe}: "
+                          "the model hard-codes the traced batch size (check reshapes that use fixed sizes)")
 
 
 def _slim(proto: onnx.ModelProto) -> onnx.ModelProto:

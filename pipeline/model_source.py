@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
@@ -77,6 +78,12 @@ def _no_download(cfg: ModelConfig) -> dict:
 
 
 def _construct(cfg: ModelConfig) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random stream
+        torch.manual_seed(cfg.seed)
+        return _call_factory(cfg)
+
+
+def _call_factory(cfg: ModelConfig) -> nn.Module:
     if cfg.name:
         try:
             return models.create(cfg.name, **cfg.kwargs)

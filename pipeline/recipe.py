@@ -39,6 +39,7 @@ class ModelConfig(Strict):
     factory: str | None = None     # "package.module:function" or "path/to/file.py:function"
     kwargs: dict[str, Any] = {}
     checkpoint: Path | None = None  # .safetensors, or .pt/.pth loaded with weights_only=True
+    seed: int = 0                   # random initialisation, so a fresh process builds the same model
     inputs: list[InputConfig] | None = None
 
     @model_validator(mode="after")

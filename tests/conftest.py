@@ -1,0 +1,25 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Fast variants of the default recipe: digits (1,797 real 8×8 digits) trains in a second or two.
+FAST = ["data.name=digits", "stages.0.epochs=1", "bench.runs=20", "bench.warmup=2", "export.exporter=torchscript",
+        "export.opset=17"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def edgesmith(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edgesmith {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from tests.conftest import FAST, edgesmith
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["models"], ["targets"], ["targets", "show"]])
+def test_help_on_every_command(command):
+    proc = edgesmith(*command, "--help", check=True)
+    assert "Usage" in proc.stdout
+
+
+def test_models_and_targets_listings():
+    assert all(n in edgesmith("models", check=True).stdout
+               for n in ("mnist_cnn", "resnet18", "mobilenet_v2", "tiny_transformer"))
+    assert "x86-host" in edgesmith("targets", check=True).stdout
+    shown = edgesmith("targets", "show", "x86-host", check=True).stdout
+    assert "arch: x86_64" in shown and "backends:" in shown and "cpu:" in shown
+
+
+def test_bad_input_is_one_line_without_traceback():
+    proc = edgesmith("run", "--set", "stages.0.epochs=-3")
+    assert proc.returncode == 2
+    assert "stages.0.epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert edgesmith("targets", "show", "nope").returncode == 2
+    debug = edgesmith("run", "--set", "stages.0.epochs=-3", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path):
+    proc = edgesmith("run", "--dry-run", "--set", "stages.0.epochs=2", "--out", str(tmp_path / "r"), check=True)
+    assert "epochs: 2" in proc.stdout and not (tmp_path / "r").exists()
+
+
+def test_default_recipe_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = edgesmith("run", "--set", "stages.0.epochs=1", "--set", "bench.runs=20", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache"), check=True)
+    for column in ("stage", "accuracy", "params", "MACs", "ONNX bytes", "p50", "p90", "p99"):
+        assert column in proc.stdout
+    rows = json.loads((out / "results.json").read_text())
+    export = next(r for r in rows if r["stage"] == "export" and r["target"] is None)
+    assert export["parity"]["top1_agreement"] >= 0.99 and export["parity"]["max_abs_diff"] < 1e-3
+    assert export["accuracy"] > 80  # one epoch on the real MNIST-5k digits
+    again = edgesmith("run", "--set", "stages.0.epochs=1", "--set", "bench.runs=20", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), check=True)
+    assert "nothing, all cached" in again.stdout
+
+
+def test_fast_recipe_cli_variant_runs(tmp_path):
+    args = [a for item in FAST for a in ("--set", item)]
+    edgesmith("run", *args, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), check=True)
+    assert (tmp_path / "r/results.md").is_file()

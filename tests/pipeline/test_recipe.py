@@ -1,0 +1,83 @@
+import pytest
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import load_recipe
+
+
+def error_for(*overrides: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_recipe_is_valid_and_embedded():
+    recipe = load_recipe()
+    assert recipe.model.name == "mnist_cnn" and recipe.data.name == "mnist5k"
+    assert [s.kind for s in recipe.stages] == ["train"]
+    assert recipe.targets == ["x86-host"]
+
+
+def test_set_overrides_keep_yaml_types():
+    recipe = load_recipe(None, ["stages.0.epochs=2", "export.slim=false", "model.kwargs={width: 8}",
+                                "data.val_fraction=0.25"])
+    assert recipe.stages[0].epochs == 2 and recipe.export.slim is False
+    assert recipe.model.kwargs == {"width": 8} and recipe.data.val_fraction == 0.25
+
+
+def test_unknown_key_lists_valid_fields():
+    message = error_for("model.nme=mnist_cnn")
+    assert "model.nme" in message and "did you mean 'name'" in message and "checkpoint" in message
+
+
+def test_unknown_model_lists_registered_models():
+    message = error_for("model.name=resnet19")
+    assert "resnet19" in message and "resnet18" in message and "mobilenet_v2" in message
+
+
+def test_out_of_range_value_names_field_and_value():
+    message = error_for("stages.0.epochs=0")
+    assert "stages.0.epochs" in message and "got 0" in message
+
+
+def test_unknown_stage_kind_lists_kinds():
+    message = error_for("stages.0.kind=sharpen")
+    assert "sharpen" in message and "'train'" in message
+
+
+def test_unknown_target_lists_profiles():
+    message = error_for("targets=[x86-hots]")
+    assert "x86-hots" in message and "x86-host" in message
+
+
+def test_enum_value_lists_choices():
+    message = error_for("export.exporter=tflite")
+    assert "export.exporter" in message and "dynamo" in message and "torchscript" in message
+
+
+def test_dynamo_rejects_old_opset():
+    assert "torchscript" in error_for("export.opset=13")
+
+
+def test_bad_override_syntax_and_index():
+    assert "key.path=value" in error_for("stages.0.epochs")
+    assert "stages.5" in error_for("stages.5.epochs=1")
+
+
+def test_recipe_file_errors(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(RecipeError, match="nope.yaml"):
+        load_recipe(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(broken)
+    no_model = tmp_path / "no_model.yaml"
+    no_model.write_text("name: x\ndata: {name: digits}\n")
+    with pytest.raises(RecipeError, match="field 'model'"):
+        load_recipe(no_model)
+
+
+def test_factory_and_name_are_exclusive():
+    assert "exactly one" in error_for("model.factory=pkg.mod:fn")
