@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 import models
 from models import InputSpec, input_spec_of
@@ -59,21 +59,64 @@ def source_fingerprint(cfg: ModelConfig) -> str:
 
 
 def save_model_artifact(model: nn.Module, cfg: ModelConfig, specs: tuple[InputSpec, ...], out_dir: Path) -> None:
+    """Weights plus, for structurally changed (pruned) models, the module attributes that differ from a fresh
+    build (channel counts, head counts) as JSON: reloading needs no pickle and works for any architecture."""
     save_model(model, str(out_dir / WEIGHTS))  # handles tied weights; plain tensors only
-    arch = {"model": cfg.model_dump(mode="json"), "inputs": [s.to_dict() for s in specs]}
+    arch = {"model": cfg.model_dump(mode="json"), "inputs": [s.to_dict() for s in specs],
+            "changed_attributes": _changed_attributes(model, _rebuild(cfg))}
     (out_dir / ARCH).write_text(json.dumps(arch, indent=2))
 
 
 def load_model_artifact(artifact: Path) -> tuple[nn.Module, tuple[InputSpec, ...]]:
     arch = json.loads((artifact / ARCH).read_text())
-    cfg = ModelConfig(**arch["model"])
-    model = _construct(cfg.model_copy(update={"kwargs": {**cfg.kwargs, **_no_download(cfg)}}))
+    model = _rebuild(ModelConfig(**arch["model"]))
+    modules = dict(model.named_modules())
+    for name, attrs in arch.get("changed_attributes", {}).items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+    _resize_tensors(model, load_file(str(artifact / WEIGHTS)))
     load_model(model, str(artifact / WEIGHTS), strict=True)
     return model.eval(), tuple(InputSpec.from_dict(s) for s in arch["inputs"])
 
 
-def _no_download(cfg: ModelConfig) -> dict:
+def _rebuild(cfg: ModelConfig) -> nn.Module:
     # The artifact's own weights replace any pretrained ones; skip loading those again.
+    return _construct(cfg.model_copy(update={"kwargs": {**cfg.kwargs, **_no_download(cfg)}}))
+
+
+_SIMPLE = (int, float, bool, str)
+
+
+def _changed_attributes(model: nn.Module, fresh: nn.Module) -> dict:
+    fresh_modules = dict(fresh.named_modules())
+    changed = {}
+    for name, module in model.named_modules():
+        reference = fresh_modules.get(name)
+        if reference is None:
+            continue
+        diff = {k: v for k, v in vars(module).items()
+                if not k.startswith("_") and _is_simple(v) and vars(reference).get(k) != v}
+        if diff:
+            changed[name] = diff
+    return changed
+
+
+def _is_simple(value) -> bool:
+    return isinstance(value, _SIMPLE) or (isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value))
+
+
+def _resize_tensors(model: nn.Module, state: dict) -> None:
+    """Gives parameters and buffers the saved shapes, so a pruned state_dict loads strictly."""
+    for name, tensor in state.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters and owner._parameters[leaf].shape != tensor.shape:
+            owner._parameters[leaf] = nn.Parameter(torch.empty_like(tensor))
+        elif leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
+            owner._buffers[leaf] = torch.empty_like(tensor)
+
+
+def _no_download(cfg: ModelConfig) -> dict:
     return {"pretrained": False} if cfg.kwargs.get("pretrained") else {}
 
 

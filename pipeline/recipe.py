@@ -71,8 +71,8 @@ class DataConfig(Strict):
         return self
 
 
-class TrainStage(Strict):
-    kind: Literal["train"]
+class TrainingConfig(Strict):
+    """Hyper-parameters shared by the train stage and every stage's fine-tuning."""
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=3e-3, gt=0)
@@ -84,7 +84,37 @@ class TrainStage(Strict):
     seed: int = 0
 
 
-Stage = Annotated[Union[TrainStage], Field(discriminator="kind")]
+class TrainStage(TrainingConfig):
+    kind: Literal["train"]
+
+
+class DistillConfig(Strict):
+    """Loss = alpha·T²·KL(softmax(student/T) ‖ softmax(teacher/T)) + (1 − alpha)·cross-entropy."""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+
+
+class FinetuneConfig(TrainingConfig):
+    epochs: int = Field(default=2, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    distill: bool = False           # the teacher is the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+
+
+class PruneStage(Strict):
+    kind: Literal["prune"]
+    method: Literal["channel"] = "channel"
+    ratio: float = Field(gt=0, lt=1)                  # fraction of channels (and heads) removed
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
+    global_pruning: bool = False                      # rank channels across layers instead of per layer
+    layer_ratios: dict[str, Annotated[float, Field(gt=0, lt=1)]] = {}   # module name → its own ratio
+    ignored_layers: list[str] | None = None           # None: the classifier (the layer producing the output)
+    round_to: int | None = Field(default=None, ge=1)  # None: the targets' channel_multiple
+    iterative_steps: int = Field(default=1, ge=1)     # fine-tuning runs after each step
+    finetune: FinetuneConfig | None = None
+
+
+Stage = Annotated[Union[TrainStage, PruneStage], Field(discriminator="kind")]
 
 
 class ParityConfig(Strict):
@@ -193,7 +223,7 @@ def _one_line(exc: ValidationError) -> str:
     return f"field '{field}': {msg}{shown}"
 
 
-_STAGE_KINDS = {"train"}
+_STAGE_KINDS = {"train", "prune"}
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -3,6 +3,7 @@ folder as soon as it finishes, so a failure or kill later loses nothing already 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -54,8 +55,10 @@ class RunResult:
 def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True) -> RunResult:
     ctx = _RunContext(recipe, Path(out_dir), Store(cache_dir), use_cache)
     artifact = ctx.model_step()
+    teacher = None  # the model as it enters the first compression stage
     for index, stage in enumerate(recipe.stages, start=1):
-        artifact = ctx.stage_step(index, stage, artifact)
+        teacher = teacher or (artifact if stage.kind != "train" else None)
+        artifact = ctx.stage_step(index, stage, artifact, teacher)
     onnx_step = ctx.export_step(artifact)
     for profile in ctx.profiles:
         ctx.target_step(profile, onnx_step)
@@ -95,12 +98,15 @@ class _RunContext:
 
         return self._cached("model", key, build, self.out_dir / "stages" / "00-model", {"checkpoint_sha256": checkpoint})
 
-    def stage_step(self, index: int, stage, previous: Step) -> Step:
-        key = content_key(stage.kind, previous.key, stage.model_dump(mode="json"), self._data_key(), tool_versions())
+    def stage_step(self, index: int, stage, previous: Step, teacher: Step | None) -> Step:
+        key = content_key(stage.kind, previous.key, stage.model_dump(mode="json"), self._data_key(),
+                          teacher.key if teacher else None, self._channel_multiple(), tool_versions())
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(previous.artifact)
-            context = StageContext(specs=specs, eval_batch_size=self.recipe.data.eval_batch_size)
+            context = StageContext(specs=specs, eval_batch_size=self.recipe.data.eval_batch_size,
+                                   channel_multiple=self._channel_multiple(),
+                                   load_teacher=lambda: load_model_artifact(teacher.artifact)[0] if teacher else None)
             result = stage_functions()[stage.kind](stage, model, self.dataset(specs), context)
             save_model_artifact(result.model, self.recipe.model, specs, tmp)
             sidecar["stage_metrics"] = result.metrics
@@ -190,6 +196,10 @@ class _RunContext:
         params, macs = model_size(model, specs)
         accuracy = torch_accuracy(model, self.dataset(specs), self.recipe.data.eval_batch_size) if evaluate else None
         return {"accuracy": accuracy, "params": params, "macs": macs}
+
+    def _channel_multiple(self) -> int:
+        """Pruned channel counts suit every target: the least common multiple of their channel multiples."""
+        return math.lcm(*(p.channel_multiple for p in self.profiles)) if self.profiles else 1
 
     def _data_key(self) -> dict:
         cfg = self.recipe.data.model_dump(mode="json")

@@ -18,6 +18,8 @@ from models import InputSpec
 class StageContext:
     specs: tuple[InputSpec, ...]
     eval_batch_size: int
+    channel_multiple: int = 1                        # the recipe's targets' need (Tensor Cores, SIMD widths)
+    load_teacher: Callable[[], nn.Module] | None = None   # the model as it entered the first compression stage
 
 
 @dataclass
@@ -27,6 +29,6 @@ class StageResult:
 
 
 def stage_functions() -> dict[str, Callable]:
-    from pipeline.stages import train
+    from pipeline.stages import prune, train
 
-    return {"train": train.run}
+    return {"train": train.run, "prune": prune.run}

@@ -146,6 +146,15 @@ def test_synthetic_data_reports_accuracy_as_not_available(tmp_path, cache_dir):
     assert "n/a" in (tmp_path / "run/results.md").read_text()
 
 
+def test_checkpoint_from_an_earlier_run_is_evaluated_and_deployed(tmp_path, cache_dir):
+    trained = run(load_recipe(None, FAST), tmp_path / "a", cache_dir)
+    checkpoint = tmp_path / "a/stages/01-train/model.safetensors"
+    reused = run(load_recipe(None, FAST + [f"model.checkpoint={checkpoint}", "stages=[]"]), tmp_path / "b", cache_dir)
+    assert reused.rows[0]["stage"] == "model"
+    assert reused.rows[0]["accuracy"] == trained.rows[0]["accuracy"]
+    assert reused.rows[-1]["target"] == "x86-host"
+
+
 def test_budget_names_the_stage_that_overspent():
     rows = [{"stage": "train", "target": None, "accuracy": 99.0},
             {"stage": "export", "target": None, "accuracy": 97.5},

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import models
+from pipeline.data import load_dataset
+from pipeline.errors import RecipeError
+from pipeline.export import check_parity, export_onnx
+from pipeline.model_source import load_model_artifact, save_model_artifact
+from pipeline.recipe import DataConfig, ExportConfig, ModelConfig, ParityConfig, PruneStage, load_recipe
+from pipeline.run import run
+from pipeline.stages import StageContext
+from pipeline.stages import prune
+from tests.conftest import FAST
+
+
+def prune_model(name, kwargs, data_name="digits", **stage):
+    model = models.create(name, **kwargs).eval()
+    specs = models.input_spec_of(model)
+    data = load_dataset(DataConfig(name=data_name, samples=64), specs)
+    cfg = PruneStage(kind="prune", **{"ratio": 0.5, **stage})
+    result = prune.run(cfg, model, data, StageContext(specs=specs, eval_batch_size=128, channel_multiple=8))
+    return result, specs, data
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "bn_scale"])
+def test_channel_pruning_shrinks_and_rounds(importance):
+    result, specs, _ = prune_model("mnist_cnn", {"width": 16}, importance=importance)
+    m = result.metrics
+    assert m["params_after"] < 0.5 * m["params_before"] and m["macs_after"] < 0.5 * m["macs_before"]
+    convs = [c for c in result.model.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    assert result.model.classifier[1].out_features == 10  # the classifier is never pruned
+    assert result.model(specs[0].example(2)).shape == (2, 10)
+
+
+def test_residual_network_stays_consistent_and_reloads(tmp_path):
+    result, specs, data = prune_model("resnet18", {"num_classes": 10, "image_size": 32})
+    model = result.model
+    assert model.layer1[0].conv2.out_channels == model.layer1[0].conv1.in_channels  # the residual add couples them
+    save_model_artifact(model, ModelConfig(name="resnet18", kwargs={"num_classes": 10, "image_size": 32}), specs,
+                        tmp_path)
+    reloaded, _ = load_model_artifact(tmp_path)
+    x = specs[0].example(3)
+    assert torch.allclose(reloaded(x), model(x), atol=1e-5)
+    export_onnx(reloaded, specs, ExportConfig(), tmp_path / "m.onnx")
+    assert check_parity(reloaded, tmp_path / "m.onnx", data, specs, ParityConfig(), 64)["top1_agreement"] == 1.0
+
+
+def test_attention_loses_whole_heads(tmp_path):
+    result, specs, _ = prune_model("tiny_transformer", {}, data_name="synthetic")
+    assert set(result.metrics["heads_before"].values()) == {4}
+    assert set(result.metrics["heads_after"].values()) == {2}
+    save_model_artifact(result.model, ModelConfig(name="tiny_transformer"), specs, tmp_path)
+    reloaded, _ = load_model_artifact(tmp_path)
+    assert reloaded.layers[0].attention.num_heads == 2
+    ids = specs[0].example(2)
+    assert torch.allclose(reloaded(ids), result.model(ids), atol=1e-5)
+
+
+def test_layer_ratio_overrides_and_ignored_layers():
+    result, _, _ = prune_model("mnist_cnn", {"width": 16}, ratio=0.25, layer_ratios={"features.0.0": 0.5},
+                               ignored_layers=["classifier.1", "features.6.0"])
+    assert result.model.features[0][0].out_channels == 8
+    assert result.model.features[6][0].out_channels == 64
+
+
+def test_bad_prune_configs():
+    with pytest.raises(RecipeError, match="stages.1.ratio"):
+        load_recipe(None, ["stages=[{kind: train}, {kind: prune, ratio: 1.5}]"])
+    with pytest.raises(RecipeError, match="no module 'classifer'"):
+        prune_model("mnist_cnn", {"width": 16}, ignored_layers=["classifer"])
+
+
+def test_pipeline_prune_with_iterative_distillation_finetune(tmp_path, cache_dir):
+    stages = ("stages=[{kind: train, epochs: 2}, {kind: prune, ratio: 0.5, iterative_steps: 2, "
+              "finetune: {epochs: 1, distill: true}}]")
+    result = run(load_recipe(None, FAST + [stages]), tmp_path / "run", cache_dir)
+    train, pruned = result.rows[0], result.rows[1]
+    assert pruned["stage"] == "prune" and pruned["params"] < 0.5 * train["params"]
+    sidecar = (tmp_path / "run/stages/02-prune/sidecar.json").read_text()
+    assert '"finetune_history"' in sidecar and sidecar.count('"epoch"') == 2
+    assert result.rows[-1]["target"] == "x86-host" and result.rows[-1]["params"] == pruned["params"]
