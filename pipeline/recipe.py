@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -223,7 +223,8 @@ def _one_line(exc: ValidationError) -> str:
     return f"field '{field}': {msg}{shown}"
 
 
-_STAGE_KINDS = {"train", "prune"}
+# The stage kinds, read off the Stage union so a new stage needs no second list here.
+_STAGE_KINDS = {get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(Stage)[0])}
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

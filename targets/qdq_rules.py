@@ -1,0 +1,90 @@
+"""Q/DQ validator: checks an INT8 ONNX file against a quantization scheme's rules and names each offending node.
+
+Schemes (DESIGN.md §3):
+  tensorrt  signed int8 activations and weights, every zero point 0, weights per-channel on axis 0,
+            activations per-tensor, biases left in float (no int32 DequantizeLinear);
+  ort-x86   uint8 activations, int8 weights (ONNX Runtime's fast U8S8 path on x86);
+  ort-arm   int8 activations and weights.
+All schemes need opset ≥ 13 (per-channel Q/DQ).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+SCHEMES = ("tensorrt", "ort-x86", "ort-arm")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_ACTIVATION_TYPE = {"tensorrt": TensorProto.INT8, "ort-x86": TensorProto.UINT8, "ort-arm": TensorProto.INT8}
+_TYPE_NAME = {TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.INT32: "int32"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    node: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.rule}"
+
+
+def validate(model: onnx.ModelProto | Path, scheme: str) -> list[Violation]:
+    """Every rule the model breaks for `scheme`; an empty list means it passes."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme '{scheme}'; valid: {', '.join(SCHEMES)}")
+    proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    tensors = {**constants, **inits}
+    producers = {out: n for n in graph.node for out in n.output}
+    violations = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        violations.append(Violation("model", f"opset {opset} < 13: per-channel Q/DQ needs opset ≥ 13"))
+    qdq_nodes = [n for n in graph.node if n.op_type in _QDQ]
+    if not qdq_nodes:
+        violations.append(Violation("model", "no QuantizeLinear/DequantizeLinear nodes: not a Q/DQ INT8 model"))
+    for index, node in enumerate(qdq_nodes):
+        name = node.name or f"{node.op_type}#{index}"
+        zero_point = tensors.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zp_type = zero_point.data_type if zero_point is not None else TensorProto.UINT8  # ONNX default: uint8
+        scale = tensors.get(node.input[1])
+        is_weight = _is_weight(node, tensors, producers)
+        if zp_type == TensorProto.INT32:  # a quantized bias
+            if scheme == "tensorrt":
+                violations.append(Violation(name, "int32 bias DequantizeLinear: TensorRT needs biases in float"))
+            continue
+        expected = TensorProto.INT8 if is_weight else _ACTIVATION_TYPE[scheme]
+        role = "weight" if is_weight else "activation"
+        if zp_type != expected:
+            violations.append(Violation(name, f"{role} zero point is {_TYPE_NAME.get(zp_type, zp_type)}, "
+                                              f"scheme {scheme} needs {_TYPE_NAME[expected]}"))
+        if scheme == "tensorrt":
+            violations += _tensorrt_rules(name, node, zero_point, scale, is_weight)
+    return violations
+
+
+def _tensorrt_rules(name, node, zero_point, scale, is_weight) -> list[Violation]:
+    found = []
+    if zero_point is not None and np.any(numpy_helper.to_array(zero_point) != 0):
+        found.append(Violation(name, "non-zero zero point: TensorRT supports symmetric quantization only"))
+    per_channel = scale is not None and numpy_helper.to_array(scale).size > 1
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if is_weight and per_channel and axis != 0:
+        found.append(Violation(name, f"weight quantized per-channel on axis {axis}; TensorRT needs axis 0"))
+    if not is_weight and per_channel:
+        found.append(Violation(name, "activation quantized per-channel; TensorRT needs per-tensor activations"))
+    return found
+
+
+def _is_weight(node, tensors, producers) -> bool:
+    """A Q/DQ whose data input is a stored tensor (or a Q of one) quantizes a weight."""
+    source = node.input[0]
+    if source in tensors:
+        return True
+    parent = producers.get(source)
+    return bool(parent is not None and parent.op_type == "QuantizeLinear" and parent.input[0] in tensors)
