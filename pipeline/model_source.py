@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 
 import models
 from models import InputSpec, input_spec_of
@@ -74,7 +75,7 @@ def load_model_artifact(artifact: Path) -> tuple[nn.Module, tuple[InputSpec, ...
     for name, attrs in arch.get("changed_attributes", {}).items():
         for attr, value in attrs.items():
             setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
-    _resize_tensors(model, load_file(str(artifact / WEIGHTS)))
+    _resize_tensors(model, _saved_shapes(artifact / WEIGHTS))
     load_model(model, str(artifact / WEIGHTS), strict=True)
     return model.eval(), tuple(InputSpec.from_dict(s) for s in arch["inputs"])
 
@@ -105,15 +106,24 @@ def _is_simple(value) -> bool:
     return isinstance(value, _SIMPLE) or (isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value))
 
 
-def _resize_tensors(model: nn.Module, state: dict) -> None:
+def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header alone; the data is read once, by load_model."""
+    with safe_open(str(path), framework="pt") as fh:
+        return {name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()}
+
+
+def _resize_tensors(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """Gives parameters and buffers the saved shapes, so a pruned state_dict loads strictly."""
-    for name, tensor in state.items():
+    for name, shape in shapes.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if leaf in owner._parameters and owner._parameters[leaf].shape != tensor.shape:
-            owner._parameters[leaf] = nn.Parameter(torch.empty_like(tensor))
-        elif leaf in owner._buffers and owner._buffers[leaf].shape != tensor.shape:
-            owner._buffers[leaf] = torch.empty_like(tensor)
+        current = owner._parameters.get(leaf, owner._buffers.get(leaf))
+        if current is None or tuple(current.shape) == shape:
+            continue
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(current.new_empty(shape))
+        else:
+            owner._buffers[leaf] = current.new_empty(shape)
 
 
 def _no_download(cfg: ModelConfig) -> dict:
