@@ -34,12 +34,19 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def measure(run_once: Callable[[], object], *, warmup: int, runs: int, batch_size: int, threads: int) -> LatencyStats:
-    """Times `run_once` `runs` times after `warmup` untimed calls."""
+MIN_WARMUP_S = 0.5   # thread pools of work just finished (torch's OpenMP threads spin) must go quiet first
+
+
+def measure(run_once: Callable[[], object], *, warmup: int, runs: int, batch_size: int, threads: int,
+            min_warmup_s: float = MIN_WARMUP_S) -> LatencyStats:
+    """Times `run_once` `runs` times after `warmup` untimed calls, warming up for at least `min_warmup_s`."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}")
-    for _ in range(warmup):
+    started = time.perf_counter()
+    done = 0
+    while done < warmup or (warmup and time.perf_counter() - started < min_warmup_s):
         run_once()
+        done += 1
     times = np.empty(runs)
     for i in range(runs):
         start = time.perf_counter()

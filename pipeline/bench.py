@@ -14,7 +14,15 @@ from targets.backends import get_backend
 
 def bench_artifact(backend_name: str, artifact: Path, profile: Profile, specs: tuple[InputSpec, ...],
                    cfg: BenchConfig) -> LatencyStats:
-    runner = get_backend(backend_name).load(artifact, profile)
+    return time_runner(get_backend(backend_name).load(artifact, profile), specs, cfg)
+
+
+def host_latency(onnx_path: Path, specs: tuple[InputSpec, ...], cfg: BenchConfig) -> LatencyStats:
+    """ONNX Runtime on this machine with all its cores: the per-stage latency column."""
+    return time_runner(get_backend("onnxruntime").load(onnx_path), specs, cfg)
+
+
+def time_runner(runner, specs: tuple[InputSpec, ...], cfg: BenchConfig) -> LatencyStats:
     generator = torch.Generator().manual_seed(0)
     feeds = {s.name: s.example(cfg.batch_size, generator).numpy() for s in specs}
     return measure(lambda: runner(feeds), warmup=cfg.warmup, runs=cfg.runs, batch_size=cfg.batch_size,

@@ -53,3 +53,10 @@ def model_size(model: nn.Module, specs: tuple[InputSpec, ...]) -> tuple[int, int
     example = tuple(spec.example(1) for spec in specs)
     macs, params = tp.utils.count_ops_and_params(model.eval(), example[0] if len(example) == 1 else example)
     return int(params), int(macs)
+
+
+@torch.no_grad()
+def model_sparsity(model: nn.Module) -> float:
+    """Zeros among all parameters: what magnitude pruning leaves, and what compresses."""
+    params = list(model.parameters())
+    return sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)

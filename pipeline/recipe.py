@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 import models
 from pipeline.errors import RecipeError
@@ -102,6 +103,7 @@ class FinetuneConfig(TrainingConfig):
 
 
 class PruneStage(Strict):
+    """Structured pruning: whole channels (and attention heads) leave the model, so it gets faster."""
     kind: Literal["prune"]
     method: Literal["channel"] = "channel"
     ratio: float = Field(gt=0, lt=1)                  # fraction of channels (and heads) removed
@@ -114,11 +116,105 @@ class PruneStage(Strict):
     finetune: FinetuneConfig | None = None
 
 
-Stage = Annotated[Union[TrainStage, PruneStage], Field(discriminator="kind")]
+class MagnitudePruneStage(Strict):
+    """Unstructured pruning: single weights are zeroed on Zhu & Gupta's cubic schedule while fine-tuning.
+    The model keeps its shape: smaller when compressed, never faster on dense runtimes."""
+    kind: Literal["prune"]
+    method: Literal["magnitude"]
+    final_sparsity: float = Field(gt=0, lt=1)
+    initial_sparsity: float = Field(default=0.0, ge=0, lt=1)
+    start_epoch: int = Field(default=0, ge=0)
+    end_epoch: int | None = Field(default=None, ge=0)   # ramp ends with this epoch; None: the one before the last
+    update_every: int = Field(default=10, ge=1)          # optimizer steps between sparsity updates
+    ignored_layers: list[str] | None = None              # None: the classifier
+    finetune: FinetuneConfig | None = None               # None: one-shot pruning to final_sparsity
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity {self.initial_sparsity} exceeds final_sparsity {self.final_sparsity}")
+        epochs = self.finetune.epochs if self.finetune else 1
+        if not self.start_epoch <= self.ramp_end_epoch < epochs:
+            raise ValueError(f"the schedule needs start_epoch ≤ end_epoch < finetune.epochs ({epochs}); "
+                             f"got start_epoch {self.start_epoch}, end_epoch {self.ramp_end_epoch}")
+        return self
+
+    @property
+    def ramp_end_epoch(self) -> int:
+        """By default the last epoch fine-tunes at the final sparsity (recovery), when there is more than one."""
+        epochs = self.finetune.epochs if self.finetune else 1
+        return self.end_epoch if self.end_epoch is not None else max(self.start_epoch, epochs - 2)
+
+
+class FeaturePair(Strict):
+    """Feature distillation: the student's layer output is matched (MSE) to the teacher's, through a learned
+    1×1 adapter where their channel counts differ."""
+    student: str
+    teacher: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+class DistillStage(TrainingConfig):
+    kind: Literal["distill"]
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    teacher: ModelConfig | None = None   # None: the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+    features: list[FeaturePair] = []
+
+    @model_validator(mode="after")
+    def _trained_teacher(self):
+        if self.teacher and not self.teacher.checkpoint and not self.teacher.kwargs.get("pretrained"):
+            raise ValueError("distill.teacher needs trained weights: give teacher.checkpoint "
+                             "(or kwargs.pretrained: true for a model with a weights file)")
+        return self
+
+
+QuantScheme = Literal["tensorrt", "ort-x86", "ort-arm"]
+
+
+class QATStage(TrainingConfig):
+    """NNCF quantization-aware training; one Q/DQ ONNX per quantization scheme the targets need."""
+    kind: Literal["qat"]
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    augment: bool = False
+    schemes: list[QuantScheme] | None = None   # None: the recipe's targets' quant_scheme
+    calibration_samples: int = Field(default=300, ge=1)
+    distill: bool = False                      # teacher: the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+
+
+class PTQStage(Strict):
+    """Post-training quantization (calibration only): ONNX Runtime's calibrators on the exported FP32 ONNX."""
+    kind: Literal["ptq"]
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(default=99.999, gt=90, le=100)
+    calibration_samples: int = Field(default=300, ge=1)
+    schemes: list[QuantScheme] | None = None
+
+
+QUANT_KINDS = ("qat", "ptq")
+
+
+def stage_tag(value: Any) -> str | None:
+    """Stages are told apart by `kind`, and prune stages also by `method`."""
+    get = value.get if isinstance(value, dict) else lambda k, d=None: getattr(value, k, d)
+    kind = get("kind")
+    return f"prune-{get('method', 'channel')}" if kind == "prune" else kind
+
+
+Stage = Annotated[Union[Annotated[TrainStage, Tag("train")], Annotated[PruneStage, Tag("prune-channel")],
+                        Annotated[MagnitudePruneStage, Tag("prune-magnitude")], Annotated[DistillStage, Tag("distill")],
+                        Annotated[QATStage, Tag("qat")], Annotated[PTQStage, Tag("ptq")]],
+                  Discriminator(stage_tag, custom_error_type="stage_kind",
+                                custom_error_message="unknown stage kind or prune method; valid kinds: train, prune "
+                                                     "(method channel | magnitude), distill, qat, ptq")]
 
 
 class ParityConfig(Strict):
     max_abs_diff: float = Field(default=1e-3, gt=0)
+    int8_max_abs_diff: float = Field(default=0.5, gt=0)   # fake-quant torch vs Q/DQ ONNX: rounding points differ
     min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
     samples: int = Field(default=256, ge=1)
 
@@ -168,6 +264,25 @@ class Recipe(Strict):
                 raise ValueError(f"unknown target '{t}'{_suggest(t, valid)}; valid targets: {', '.join(valid)}")
         return targets
 
+    @field_validator("stages")
+    @classmethod
+    def _quantization_last(cls, stages: list) -> list:
+        """QAT/PTQ fix the INT8 format per target, so the flow branches there: nothing can follow them."""
+        quant = [i for i, s in enumerate(stages) if s.kind in QUANT_KINDS]
+        if len(quant) > 1 or (quant and quant[0] != len(stages) - 1):
+            raise ValueError(f"a recipe has at most one qat/ptq stage and it comes last; got kinds "
+                             f"{[s.kind for s in stages]}")
+        return stages
+
+    @property
+    def model_stages(self) -> list:
+        """The stages that produce a torch model (all but a final qat/ptq)."""
+        return self.stages[:-1] if self.quantization else list(self.stages)
+
+    @property
+    def quantization(self) -> "QATStage | PTQStage | None":
+        return self.stages[-1] if self.stages and self.stages[-1].kind in QUANT_KINDS else None
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -209,29 +324,41 @@ def _read_yaml(path: Path | None) -> dict:
 
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
-    # Discriminated unions put the tag name in the location (stages.0.train.epochs): drop it.
-    loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1].isdigit() and p in _STAGE_KINDS)]
+    tagged = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    # Discriminated unions put the tag in the location (stages.0.train.epochs): keep it to find the stage's
+    # class, drop it from the field name the user sees.
+    loc = [p for i, p in enumerate(tagged) if not _is_stage_tag(tagged, i)]
     field = ".".join(loc) or "recipe"
     if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(tagged[:-1])
         valid = f"; valid fields: {', '.join(parent.model_fields)}" if parent else ""
         return f"field '{field}' is not allowed{_suggest(loc[-1], list(parent.model_fields) if parent else [])}{valid}"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
+    if err["type"] == "stage_kind" and isinstance(value, dict):
+        value = {k: value[k] for k in ("kind", "method") if k in value}
+        return f"field '{field}': {msg} (got {value})"
     shown = "" if isinstance(value, (dict, list)) or err["type"] in ("missing", "value_error") else f" (got {value!r})"
     return f"field '{field}': {msg}{shown}"
 
 
-# The stage kinds, read off the Stage union so a new stage needs no second list here.
-_STAGE_KINDS = {get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(Stage)[0])}
+# The stage classes by tag, read off the Stage union so a new stage needs no second list here.
+_STAGE_BY_TAG = {meta.tag: get_args(member)[0] for member in get_args(get_args(Stage)[0])
+                 for meta in get_args(member)[1:] if isinstance(meta, Tag)}
+
+
+def _is_stage_tag(loc: list[str], i: int) -> bool:
+    return i > 0 and loc[i - 1].isdigit() and loc[i] in _STAGE_BY_TAG
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
     """The pydantic model class that sits at a field path, to list its valid fields."""
     current: type[BaseModel] = Recipe
-    for part in loc:
+    for i, part in enumerate(loc):
         if part.isdigit():
+            continue
+        if _is_stage_tag(loc, i):
+            current = _STAGE_BY_TAG[part]
             continue
         field = current.model_fields.get(part)
         if field is None:

@@ -11,36 +11,20 @@ from pipeline.errors import BudgetError
 from pipeline.recipe import Recipe
 from pipeline.versions import tool_versions
 
-_PLUMBING = {"compile"}  # steps that produce no row of their own
 
-
-def rows(steps) -> list[dict]:
-    """One row per model-producing step (target null) and one per benchmarked target."""
-    out, last_metrics, last_stage = [], {}, None
-    for step in steps:
-        if step.kind in _PLUMBING:
-            continue
-        if step.kind == "bench":
-            out.append(_row(last_stage, step.sidecar["profile"], last_metrics, step.sidecar["latency_ms"],
-                            backend=step.sidecar["backend"]))
-            continue
-        metrics = step.sidecar["metrics"]
-        if step.kind == "model" and metrics["accuracy"] is None:
-            last_metrics = metrics  # an untrained model's accuracy says nothing; no row
-            continue
-        last_metrics, last_stage = metrics, step.kind
-        out.append(_row(step.kind, None, metrics, None))
+def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None) -> dict:
+    """One results row: a stage's model (target null) or a benchmarked target."""
+    out = {"stage": stage, "target": target, "precision": metrics.get("precision", "fp32"),
+           **{k: metrics.get(k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes", "onnx_zipped_bytes",
+                                          "latency_ms")}}
+    if backend:
+        out["backend"] = backend
+    if metrics.get("parity"):
+        out["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
     return out
 
 
-def _row(stage, target, metrics, latency, backend=None) -> dict:
-    row = {"stage": stage, "target": target, "accuracy": metrics.get("accuracy"), "params": metrics.get("params"),
-           "macs": metrics.get("macs"), "onnx_bytes": metrics.get("onnx_bytes"), "latency_ms": latency}
-    if backend:
-        row["backend"] = backend
-    if "parity" in metrics:
-        row["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
-    return row
+_BASELINES = ("model", "train")   # the uncompressed model: a checkpoint, or the last train stage
 
 
 def check_budget(result_rows: list[dict], max_drop: float | None) -> None:
@@ -48,14 +32,14 @@ def check_budget(result_rows: list[dict], max_drop: float | None) -> None:
     if max_drop is None:
         return
     baseline = None
-    for row in result_rows:
-        if row["target"] is not None or row["accuracy"] is None:
+    for r in result_rows:
+        if r["target"] is not None or r["accuracy"] is None:
             continue
-        if row["stage"] in ("model", "train"):
-            baseline = row["accuracy"]
-        elif baseline is not None and baseline - row["accuracy"] > max_drop:
-            raise BudgetError(f"stage '{row['stage']}' dropped accuracy {baseline:.2f}% → {row['accuracy']:.2f}% "
-                              f"({baseline - row['accuracy']:.2f} points > budget.max_accuracy_drop {max_drop}); "
+        if r["stage"] in _BASELINES:
+            baseline = r["accuracy"]
+        elif baseline is not None and baseline - r["accuracy"] > max_drop:
+            raise BudgetError(f"stage '{r['stage']}' dropped accuracy {baseline:.2f}% → {r['accuracy']:.2f}% "
+                              f"({baseline - r['accuracy']:.2f} points > budget.max_accuracy_drop {max_drop}); "
                               "earlier artifacts are kept in the run folder")
 
 
@@ -76,16 +60,17 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
     })
 
 
-_COLUMNS = ("stage", "target", "accuracy %", "params", "MACs", "ONNX bytes", "p50 ms", "p90 ms", "p99 ms")
+_COLUMNS = ("stage", "target", "dtype", "acc %", "params", "MACs", "zeros", "ONNX", "zipped", "p50 ms", "p90 ms",
+            "p99 ms")
 
 
 def _cells(row: dict) -> list[str]:
     lat = row["latency_ms"] or {}
     fmt_ms = lambda k: f"{lat[k]:.3f}" if k in lat else "—"  # noqa: E731
-    return [row["stage"] or "—", row["target"] or "—",
+    return [row["stage"], row["target"] or "—", row["precision"],
             "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
-            _human(row["params"]), _human(row["macs"]), _human(row["onnx_bytes"]),
-            fmt_ms("p50"), fmt_ms("p90"), fmt_ms("p99")]
+            _human(row["params"]), _human(row["macs"]), "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}",
+            _human(row["onnx_bytes"]), _human(row["onnx_zipped_bytes"]), fmt_ms("p50"), fmt_ms("p90"), fmt_ms("p99")]
 
 
 def table(result_rows: list[dict]) -> Table:

@@ -2,9 +2,11 @@
 folder as soon as it finishes, so a failure or kill later loses nothing already done."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +14,17 @@ from typing import Callable
 
 from models import InputSpec
 from pipeline import report
-from pipeline.bench import bench_artifact
+from pipeline.bench import bench_artifact, host_latency
 from pipeline.cache import Store, atomic_write_json, atomic_write_text, content_key, file_sha256, publish
 from pipeline.data import Dataset, load_dataset
-from pipeline.errors import BudgetError, CheckpointError, TargetError
-from pipeline.evaluate import model_size, onnx_accuracy, torch_accuracy
-from pipeline.export import check_parity, export_onnx, write_io_spec
+from pipeline.errors import CheckpointError, TargetError
+from pipeline.evaluate import model_size, model_sparsity, onnx_accuracy, torch_accuracy
+from pipeline.export import check_parity, export_onnx, onnx_size, write_io_spec
 from pipeline.model_source import (build_model, input_specs, load_model_artifact, save_model_artifact,
                                    source_fingerprint)
 from pipeline.progress import console
-from pipeline.recipe import Recipe
-from pipeline.stages import StageContext, stage_functions
+from pipeline.recipe import Recipe, stage_tag
+from pipeline.stages import StageContext, ptq, qat, stage_functions
 from pipeline.versions import tool_versions
 from targets import Profile, ProfileError, load_profile
 from targets.backends import get_backend
@@ -54,15 +56,18 @@ class RunResult:
 
 def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True) -> RunResult:
     ctx = _RunContext(recipe, Path(out_dir), Store(cache_dir), use_cache)
-    artifact = ctx.model_step()
-    teacher = None  # the model as it enters the first compression stage
-    for index, stage in enumerate(recipe.stages, start=1):
-        teacher = teacher or (artifact if stage.kind != "train" else None)
-        artifact = ctx.stage_step(index, stage, artifact, teacher)
-    onnx_step = ctx.export_step(artifact)
-    for profile in ctx.profiles:
-        ctx.target_step(profile, onnx_step)
-    return ctx.finish()
+    with ctx.reporting():  # results of finished steps are written even when a later step fails
+        artifact = ctx.model_step()
+        teacher = None  # the model as it enters the first compression stage
+        for index, stage in enumerate(recipe.model_stages, start=1):
+            teacher = teacher or (artifact if stage.kind != "train" else None)
+            artifact = ctx.stage_step(index, stage, artifact, teacher)
+        fp32 = ctx.export_step(artifact)
+        int8 = {scheme: ctx.quantize_step(recipe.quantization, scheme, artifact, fp32, teacher or artifact)
+                for scheme in ctx.schemes}
+        for profile in ctx.profiles:
+            ctx.target_step(profile, int8.get(profile.quant_scheme, fp32))
+    return RunResult(ctx.out_dir, ctx.steps, ctx.rows)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class _RunContext:
     store: Store
     use_cache: bool
     steps: list[Step] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _data: Dataset | None = None
 
@@ -83,6 +89,10 @@ class _RunContext:
             self.profiles: list[Profile] = [load_profile(t) for t in self.recipe.targets]
         except ProfileError as exc:
             raise TargetError(str(exc)) from None
+        # Pruned channel counts suit every target: the least common multiple of their channel multiples.
+        self.channel_multiple = math.lcm(*(p.channel_multiple for p in self.profiles)) if self.profiles else 1
+        quant = self.recipe.quantization
+        self.schemes = (quant.schemes or list(dict.fromkeys(p.quant_scheme for p in self.profiles))) if quant else []
 
     # ---- the steps -------------------------------------------------------------------------------------------
     def model_step(self) -> Step:
@@ -96,30 +106,47 @@ class _RunContext:
             save_model_artifact(model, cfg, specs, tmp)
             sidecar["metrics"] = self._measure_torch(model, specs, evaluate=cfg.checkpoint is not None)
 
-        return self._cached("model", key, build, self.out_dir / "stages" / "00-model", {"checkpoint_sha256": checkpoint})
+        folder = self.out_dir / "stages" / "00-model"
+        step = self._cached("model", key, build, folder, {"checkpoint_sha256": checkpoint})
+        if cfg.checkpoint:  # an untrained model's accuracy says nothing: it gets no row
+            self._row("model", {**step.sidecar["metrics"], **self.measure_step(step, folder).sidecar["metrics"]})
+        return step
 
     def stage_step(self, index: int, stage, previous: Step, teacher: Step | None) -> Step:
         key = content_key(stage.kind, previous.key, stage.model_dump(mode="json"), self._data_key(),
-                          teacher.key if teacher else None, self._channel_multiple(), tool_versions())
+                          teacher.key if teacher else None, self._teacher_hash(stage), self.channel_multiple,
+                          tool_versions())
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(previous.artifact)
-            context = StageContext(specs=specs, eval_batch_size=self.recipe.data.eval_batch_size,
-                                   channel_multiple=self._channel_multiple(),
-                                   load_teacher=lambda: load_model_artifact(teacher.artifact)[0] if teacher else None)
-            result = stage_functions()[stage.kind](stage, model, self.dataset(specs), context)
+            context = self._stage_context(specs, teacher, index)
+            result = stage_functions()[stage_tag(stage)](stage, model, self.dataset(specs), context)
             save_model_artifact(result.model, self.recipe.model, specs, tmp)
             sidecar["stage_metrics"] = result.metrics
             sidecar["metrics"] = self._measure_torch(result.model, specs, evaluate=True)
 
-        name = f"{index:02d}-{stage.kind}"
-        step = self._cached(stage.kind, key, build, self.out_dir / "stages" / name, {"input": previous.key})
-        self._check_budget()
+        folder = self.out_dir / "stages" / f"{index:02d}-{stage.kind}"
+        step = self._cached(stage.kind, key, build, folder, {"input": previous.key})
+        self._row(stage.kind, {**step.sidecar["metrics"], **self.measure_step(step, folder).sidecar["metrics"]})
         return step
+
+    def measure_step(self, model_step: Step, folder: Path) -> Step:
+        """ONNX size (raw and zipped) and host ONNX Runtime latency of a stage's model; no gate, no training."""
+        export = self.recipe.export.model_dump(mode="json", exclude={"parity"})
+        key = content_key("measure", model_step.key, export, self.recipe.bench.model_dump(mode="json"),
+                          _host_fingerprint(), tool_versions())
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            model, specs = load_model_artifact(model_step.artifact)
+            export_onnx(model, specs, self.recipe.export, tmp / ONNX_FILE)
+            sidecar["metrics"] = {**onnx_size(tmp / ONNX_FILE), "latency_ms": self._host_latency(tmp, specs)}
+
+        return self._cached("measure", key, build, folder / "onnx", {"input": model_step.key})
 
     def export_step(self, previous: Step) -> Step:
         cfg = self.recipe.export
-        key = content_key("export", previous.key, cfg.model_dump(mode="json"), self._data_key(), tool_versions())
+        key = content_key("export", previous.key, cfg.model_dump(mode="json"), self._data_key(),
+                          self.recipe.bench.model_dump(mode="json"), _host_fingerprint(), tool_versions())
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(previous.artifact)
@@ -128,13 +155,40 @@ class _RunContext:
             batch = self.recipe.data.eval_batch_size
             data = self.dataset(specs)
             parity = check_parity(model, tmp / ONNX_FILE, data, specs, cfg.parity, batch)
-            runner = get_backend("onnxruntime").load(tmp / ONNX_FILE)
             sidecar["export"] = facts
-            sidecar["metrics"] = {**previous.sidecar["metrics"], "onnx_bytes": facts["onnx_bytes"], "parity": parity,
-                                  "accuracy": onnx_accuracy(runner, data, specs, batch)}
+            sidecar["metrics"] = {**previous.sidecar["metrics"], **onnx_size(tmp / ONNX_FILE), "parity": parity,
+                                  "accuracy": self._onnx_accuracy(tmp, specs),
+                                  "latency_ms": self._host_latency(tmp, specs), "precision": "fp32"}
 
         step = self._cached("export", key, build, self.out_dir / "export", {"input": previous.key})
-        self._check_budget()
+        self._row("export", step.sidecar["metrics"])
+        return step
+
+    def quantize_step(self, stage, scheme: str, model_step: Step, fp32: Step, teacher: Step) -> Step:
+        """QAT or PTQ for one quantization scheme: an INT8 Q/DQ ONNX that passes the scheme's rules."""
+        key = content_key(stage.kind, scheme, model_step.key, fp32.key, stage.model_dump(mode="json", exclude={"schemes"}),
+                          self._data_key(), teacher.key, self.recipe.export.model_dump(mode="json"),
+                          self.recipe.bench.model_dump(mode="json"), _host_fingerprint(), tool_versions())
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            model, specs = load_model_artifact(model_step.artifact)
+            context = self._stage_context(specs, teacher, len(self.recipe.stages))
+            if stage.kind == "qat":
+                facts = qat.run(stage, scheme, model, self.dataset(specs), context, self.recipe.export, tmp / ONNX_FILE)
+            else:
+                facts = ptq.run(stage, scheme, fp32.artifact / ONNX_FILE, self.dataset(specs), context,
+                                tmp / ONNX_FILE)
+            shutil.copyfile(fp32.artifact / "io.json", tmp / "io.json")
+            sidecar["stage_metrics"] = facts
+            sidecar["metrics"] = {**model_step.sidecar["metrics"], **onnx_size(tmp / ONNX_FILE),
+                                  "accuracy": self._onnx_accuracy(tmp, specs), "parity": facts.get("parity"),
+                                  "latency_ms": self._host_latency(tmp, specs), "precision": "int8",
+                                  "scheme": scheme}
+
+        label = f"{stage.kind}:{scheme}"
+        step = self._cached(stage.kind, key, build, self.out_dir / "stages" / f"{len(self.recipe.stages):02d}-"
+                            f"{stage.kind}-{scheme}", {"input": model_step.key, "fp32": fp32.key})
+        self._row(label, step.sidecar["metrics"])
         return step
 
     def target_step(self, profile: Profile, onnx_step: Step) -> Step:
@@ -157,6 +211,9 @@ class _RunContext:
 
         bench = self._cached("bench", bench_key, build_bench, None, {"input": compiled.key})
         atomic_write_json(self.out_dir / "targets" / profile.name / "bench.json", bench.sidecar)
+        label = "export" if onnx_step.kind == "export" else f"{onnx_step.kind}:{onnx_step.sidecar['metrics']['scheme']}"
+        self._row(label, {**onnx_step.sidecar["metrics"], "latency_ms": bench.sidecar["latency_ms"]},
+                  target=profile.name, backend=backend)
         return bench
 
     # ---- helpers ---------------------------------------------------------------------------------------------
@@ -180,6 +237,12 @@ class _RunContext:
         self.steps.append(step)
         return step
 
+    def _row(self, stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None) -> None:
+        """One results row; a compression stage's row is checked against the accuracy budget at once."""
+        self.rows.append(report.row(stage, metrics, target=target, backend=backend))
+        if target is None:
+            report.check_budget(self.rows, self.recipe.budget.max_accuracy_drop)
+
     def dataset(self, specs: tuple[InputSpec, ...]) -> Dataset:
         """Loaded on first use only: a fully cached re-run never reads the data set."""
         if self._data is None:
@@ -187,19 +250,26 @@ class _RunContext:
         return self._data
 
     def specs(self, step: Step) -> tuple[InputSpec, ...]:
-        arch = step.artifact / "arch.json"
-        if arch.is_file():
-            return tuple(InputSpec.from_dict(s) for s in json.loads(arch.read_text())["inputs"])
         return tuple(InputSpec.from_dict(s) for s in json.loads((step.artifact / "io.json").read_text())["inputs"])
+
+    def _stage_context(self, specs, teacher: Step | None, index: int) -> StageContext:
+        """`index`: the stage's position in the recipe; magnitude pruning before it means zeros must stay."""
+        sparse = any(stage_tag(s) == "prune-magnitude" for s in self.recipe.stages[:index - 1])
+        return StageContext(specs=specs, eval_batch_size=self.recipe.data.eval_batch_size,
+                            channel_multiple=self.channel_multiple, keep_sparsity=sparse,
+                            load_teacher=lambda: load_model_artifact(teacher.artifact)[0] if teacher else None)
 
     def _measure_torch(self, model, specs, *, evaluate: bool) -> dict:
         params, macs = model_size(model, specs)
         accuracy = torch_accuracy(model, self.dataset(specs), self.recipe.data.eval_batch_size) if evaluate else None
-        return {"accuracy": accuracy, "params": params, "macs": macs}
+        return {"accuracy": accuracy, "params": params, "macs": macs, "sparsity": model_sparsity(model)}
 
-    def _channel_multiple(self) -> int:
-        """Pruned channel counts suit every target: the least common multiple of their channel multiples."""
-        return math.lcm(*(p.channel_multiple for p in self.profiles)) if self.profiles else 1
+    def _onnx_accuracy(self, folder: Path, specs) -> float | None:
+        runner = get_backend("onnxruntime").load(folder / ONNX_FILE)
+        return onnx_accuracy(runner, self.dataset(specs), specs, self.recipe.data.eval_batch_size)
+
+    def _host_latency(self, folder: Path, specs) -> dict:
+        return host_latency(folder / ONNX_FILE, specs, self.recipe.bench).to_dict()
 
     def _data_key(self) -> dict:
         cfg = self.recipe.data.model_dump(mode="json")
@@ -207,9 +277,13 @@ class _RunContext:
             cfg["content"] = _path_fingerprint(self.recipe.data.path)
         return cfg
 
+    def _teacher_hash(self, stage) -> str | None:
+        teacher = getattr(stage, "teacher", None)
+        return self._file_hash(teacher.checkpoint) if teacher and teacher.checkpoint else None
+
     def _file_hash(self, path: Path) -> str:
         if not Path(path).is_file():
-            raise CheckpointError(f"checkpoint '{path}' does not exist; fix model.checkpoint")
+            raise CheckpointError(f"checkpoint '{path}' does not exist; fix the checkpoint path in the recipe")
         return file_sha256(Path(path))
 
     def _choose_backend(self, profile: Profile) -> str:
@@ -221,19 +295,14 @@ class _RunContext:
             reasons.append(f"{name}: {reason}")
         raise TargetError(f"target '{profile.name}': no backend can run here ({'; '.join(reasons)})")
 
-    def _check_budget(self) -> None:
-        """Stops the run at the stage that overspent; the report of what finished is written first."""
-        rows = report.rows(self.steps)
+    @contextlib.contextmanager
+    def reporting(self):
+        """Writes results and manifest at the end, and also when a step fails or overspends the budget, so
+        everything finished stays described and usable."""
         try:
-            report.check_budget(rows, self.recipe.budget.max_accuracy_drop)
-        except BudgetError:
-            report.write(self.out_dir, self.recipe, self.steps, rows, self.started)
-            raise
-
-    def finish(self) -> RunResult:
-        rows = report.rows(self.steps)
-        report.write(self.out_dir, self.recipe, self.steps, rows, self.started)
-        return RunResult(self.out_dir, self.steps, rows)
+            yield
+        finally:
+            report.write(self.out_dir, self.recipe, self.steps, self.rows, self.started)
 
 
 def _host_fingerprint() -> str:

@@ -20,6 +20,7 @@ class StageContext:
     eval_batch_size: int
     channel_multiple: int = 1                        # the recipe's targets' need (Tensor Cores, SIMD widths)
     load_teacher: Callable[[], nn.Module] | None = None   # the model as it entered the first compression stage
+    keep_sparsity: bool = False   # a magnitude-pruned model: later training must not regrow its zeroed weights
 
 
 @dataclass
@@ -29,6 +30,7 @@ class StageResult:
 
 
 def stage_functions() -> dict[str, Callable]:
-    from pipeline.stages import prune, train
+    """Keyed by the recipe's stage tag (`kind`, and `prune-<method>` for the two kinds of pruning)."""
+    from pipeline.stages import distill, magnitude, prune, train
 
-    return {"train": train.run, "prune": prune.run}
+    return {"train": train.run, "prune-channel": prune.run, "prune-magnitude": magnitude.run, "distill": distill.run}

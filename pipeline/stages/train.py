@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -29,18 +29,23 @@ def cross_entropy(cfg: TrainingConfig) -> Objective:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext, *, label: str,
-        objective: Objective | None = None) -> list[dict]:
-    """Trains `model` in place; deterministic for cfg.seed. Returns per-epoch loss and validation accuracy."""
+        objective: Objective | None = None, extra_parameters: Iterable[nn.Parameter] = (),
+        before_step: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Trains `model` in place; deterministic for cfg.seed. Returns per-epoch loss and validation accuracy.
+
+    `extra_parameters` train alongside the model (distillation adapters); `before_step(step, epoch)` runs
+    before every optimizer step (a pruning schedule)."""
     if not data.labelled:
         raise DataError(f"{label} needs labelled data; data 'synthetic' has none (use it for latency-only runs)")
     objective = objective or cross_entropy(cfg)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = _optimizer(cfg, model)
+    optimizer = _optimizer(cfg, [*model.parameters(), *extra_parameters])
     total = cfg.epochs * math.ceil(len(data.train) / cfg.batch_size)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if cfg.schedule == "cosine"
                 else torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0))
-    history = []
+    zeros = _zero_masks(model) if ctx.keep_sparsity else []
+    history, step = [], 0
     with progress_bar() as bar:
         task = bar.add_task(label, total=total, status="")
         for epoch in range(cfg.epochs):
@@ -48,6 +53,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
             loss_sum, seen = 0.0, 0
             for xs, y in data.batches(data.train, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                       generator=generator):
+                if before_step:
+                    before_step(step, epoch)
+                step += 1
                 logits = model(*xs)
                 if epoch == 0 and seen == 0:
                     check_labels(logits, y)
@@ -59,6 +67,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                _reapply(zeros)
                 loss_sum += loss.item() * len(y)
                 seen += len(y)
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f}")
@@ -68,8 +77,29 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
     return history
 
 
-def _optimizer(cfg: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(cfg: TrainingConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in parameters if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+_SPARSE_ENOUGH = 0.05   # weights with fewer zeros than this were not pruned; their zeros may change
+
+
+def _zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, mask of its non-zeros) for every pruned weight tensor of the model."""
+    masks = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(weight, torch.Tensor):
+            mask = weight.detach() != 0
+            if 1 - mask.float().mean() >= _SPARSE_ENOUGH:
+                masks.append((weight, mask))
+    return masks
+
+
+@torch.no_grad()
+def _reapply(masks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for weight, mask in masks:
+        weight.mul_(mask)

@@ -34,18 +34,24 @@ def test_dry_run_prints_the_resolved_recipe(tmp_path):
     assert "epochs: 2" in proc.stdout and not (tmp_path / "r").exists()
 
 
+SHORT_DEFAULT = ("--set", "stages.0.epochs=2", "--set", "stages.1.finetune.epochs=1", "--set", "stages.2.epochs=1",
+                 "--set", "bench.runs=20", "--set", "budget.max_accuracy_drop=null")
+
+
 def test_default_recipe_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = edgesmith("run", "--set", "stages.0.epochs=1", "--set", "bench.runs=20", "--out", str(out),
-                     "--cache-dir", str(tmp_path / "cache"), check=True)
-    for column in ("stage", "accuracy", "params", "MACs", "ONNX bytes", "p50", "p90", "p99"):
+    proc = edgesmith("run", *SHORT_DEFAULT, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), check=True)
+    for column in ("stage", "acc %", "params", "MACs", "ONNX", "zipped", "p50", "p90", "p99"):
         assert column in proc.stdout
     rows = json.loads((out / "results.json").read_text())
-    export = next(r for r in rows if r["stage"] == "export" and r["target"] is None)
+    assert [r["stage"] for r in rows] == ["train", "prune", "export", "qat:ort-x86", "qat:ort-x86"]
+    export = next(r for r in rows if r["stage"] == "export")
     assert export["parity"]["top1_agreement"] >= 0.99 and export["parity"]["max_abs_diff"] < 1e-3
-    assert export["accuracy"] > 80  # one epoch on the real MNIST-5k digits
-    again = edgesmith("run", "--set", "stages.0.epochs=1", "--set", "bench.runs=20", "--out", str(out),
-                      "--cache-dir", str(tmp_path / "cache"), check=True)
+    assert export["accuracy"] > 80  # two epochs on the real MNIST-5k digits, pruned, one epoch of fine-tuning
+    host = rows[-1]
+    assert host["target"] == "x86-host" and host["precision"] == "int8" and host["accuracy"] > 80
+    assert host["onnx_bytes"] < export["onnx_bytes"] / 1.5   # int8 weights
+    again = edgesmith("run", *SHORT_DEFAULT, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), check=True)
     assert "nothing, all cached" in again.stdout
 
 

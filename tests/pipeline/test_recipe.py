@@ -15,7 +15,9 @@ def error_for(*overrides: str) -> str:
 def test_default_recipe_is_valid_and_embedded():
     recipe = load_recipe()
     assert recipe.model.name == "mnist_cnn" and recipe.data.name == "mnist5k"
-    assert [s.kind for s in recipe.stages] == ["train"]
+    assert [s.kind for s in recipe.stages] == ["train", "prune", "qat"]
+    assert recipe.stages[1].ratio == 0.5 and recipe.stages[1].finetune.distill
+    assert recipe.quantization.kind == "qat"
     assert recipe.targets == ["x86-host"]
 
 
@@ -43,7 +45,27 @@ def test_out_of_range_value_names_field_and_value():
 
 def test_unknown_stage_kind_lists_kinds():
     message = error_for("stages.0.kind=sharpen")
-    assert "sharpen" in message and "'train'" in message
+    assert "sharpen" in message and "train, prune" in message and "qat" in message
+
+
+def test_unknown_field_is_checked_against_the_right_stage_class():
+    message = error_for("stages=[{kind: prune, method: magnitude, final_sparsity: 0.5, ratio: 0.5}]")
+    assert "stages.0.ratio" in message and "final_sparsity" in message and "importance" not in message
+
+
+def test_quantization_stage_must_come_last():
+    message = error_for("stages=[{kind: qat}, {kind: train}]")
+    assert "comes last" in message and "['qat', 'train']" in message
+
+
+def test_magnitude_schedule_must_fit_the_finetuning_epochs():
+    message = error_for("stages=[{kind: prune, method: magnitude, final_sparsity: 0.5, start_epoch: 3, "
+                        "finetune: {epochs: 2}}]")
+    assert "start_epoch" in message and "(2)" in message
+
+
+def test_named_teacher_needs_weights():
+    assert "teacher.checkpoint" in error_for("stages=[{kind: distill, teacher: {name: resnet18}}]")
 
 
 def test_unknown_target_lists_profiles():

@@ -19,7 +19,7 @@ ROW_KEYS = {"stage", "target", "accuracy", "params", "macs", "onnx_bytes", "late
 def test_run_writes_every_artifact_and_rerun_executes_nothing(tmp_path, cache_dir):
     recipe = load_recipe(None, FAST)
     first = run(recipe, tmp_path / "run", cache_dir)
-    assert first.executed == ["model", "train", "export", "compile", "bench"]
+    assert first.executed == ["model", "train", "measure", "export", "compile", "bench"]
     out = tmp_path / "run"
     for path in ("recipe.yaml", "manifest.json", "results.json", "results.md", "stages/01-train/model.safetensors",
                  "stages/01-train/sidecar.json", "export/model.onnx", "export/io.json", "export/sidecar.json",
@@ -42,9 +42,9 @@ def test_run_writes_every_artifact_and_rerun_executes_nothing(tmp_path, cache_di
 def test_changing_one_stage_recomputes_from_that_stage_on(tmp_path, cache_dir):
     run(load_recipe(None, FAST), tmp_path / "a", cache_dir)
     export_changed = run(load_recipe(None, FAST + ["export.slim=false"]), tmp_path / "b", cache_dir)
-    assert export_changed.executed == ["export", "compile", "bench"]
+    assert export_changed.executed == ["measure", "export", "compile", "bench"]
     train_changed = run(load_recipe(None, FAST + ["stages.0.lr=0.001"]), tmp_path / "c", cache_dir)
-    assert train_changed.executed == ["train", "export", "compile", "bench"]
+    assert train_changed.executed == ["train", "measure", "export", "compile", "bench"]
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -56,8 +56,8 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_sigkill_mid_stage_resumes_with_the_same_results(tmp_path):
-    args = [sys.executable, "-m", "pipeline", "run", "--set", "data.name=digits", "--set", "stages.0.epochs=6",
-            "--set", "bench.runs=10"]
+    args = [sys.executable, "-m", "pipeline", "run", "--set", "data.name=digits", "--set",
+            "stages=[{kind: train, epochs: 6}]", "--set", "bench.runs=10"]
     reference = subprocess.run(args + ["--out", str(tmp_path / "ref"), "--cache-dir", str(tmp_path / "c-ref")],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]

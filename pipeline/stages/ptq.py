@@ -1,0 +1,89 @@
+"""Post-training quantization: ONNX Runtime's calibrators (min-max, percentile, entropy) on the exported FP32
+ONNX, with the quantization settings each scheme's runtime needs. The cheap baseline QAT is compared with."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import Dataset
+from pipeline.errors import ExportError
+from pipeline.evaluate import feeds
+from pipeline.recipe import PTQStage
+from pipeline.stages import StageContext
+from pipeline.stages.qdq import check_scheme
+
+_CALIBRATION_BATCH = 32
+
+
+def run(cfg: PTQStage, scheme: str, fp32_onnx: Path, data: Dataset, ctx: StageContext, out_path: Path) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+    activation, weight, extra = scheme_settings(scheme)
+    if cfg.calibration == "percentile":
+        extra["CalibPercentile"] = cfg.percentile
+    with tempfile.TemporaryDirectory() as tmp, _quiet_ort():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_onnx), str(prepared))  # shape inference + graph fusions before calibration
+        try:
+            quantize_static(str(prepared), str(out_path), _Calibration(data, ctx, cfg.calibration_samples),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation,
+                            weight_type=weight, calibrate_method=method, extra_options=extra,
+                            calibration_cache_path=Path(tmp) / "calibration")
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({str(exc).splitlines()[0][:200]})") \
+                from None
+    check_scheme(out_path, scheme)
+    return {"scheme": scheme, "calibration": cfg.calibration, "calibration_samples": cfg.calibration_samples}
+
+
+def scheme_settings(scheme: str) -> tuple:
+    """(activation type, weight type, extra options) for ORT's quantizer, per DESIGN.md §3: TensorRT takes
+    symmetric int8 with zero points 0 and float biases; ORT on x86 its fast U8S8 path; ORT on ARM S8S8."""
+    from onnxruntime.quantization import QuantType
+
+    if scheme == "tensorrt":
+        return QuantType.QInt8, QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                                  "QuantizeBias": False}
+    activation = QuantType.QUInt8 if scheme == "ort-x86" else QuantType.QInt8
+    return activation, QuantType.QInt8, {"WeightSymmetric": True}
+
+
+class _Calibration:
+    """ORT's CalibrationDataReader protocol over the first samples of the training split."""
+
+    def __init__(self, data: Dataset, ctx: StageContext, samples: int):
+        self._batches = self._feeds(data, ctx, samples)
+
+    @staticmethod
+    def _feeds(data: Dataset, ctx: StageContext, samples: int):
+        """Batches of one size: ORT's histogram calibrators (percentile, entropy) stack them."""
+        batch = min(_CALIBRATION_BATCH, samples, len(data.train))
+        for count, (xs, _) in enumerate(data.batches(data.train, batch)):
+            if count * batch >= samples or len(xs[0]) < batch:
+                return
+            yield feeds(xs, ctx.specs)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """ORT's quantizer logs and prints progress that says nothing to our users."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+

@@ -1,0 +1,151 @@
+"""Quantization-aware training with NNCF, once per quantization scheme; the output is a Q/DQ INT8 ONNX.
+
+Order (DESIGN.md §3): fold BatchNorm into the convolutions, insert NNCF's quantizers (calibrated on training
+data), fix their signedness for the scheme, train (quantizer scales train too), export as standard
+QuantizeLinear/DequantizeLinear pairs with the TorchScript exporter (fake-quant graphs do not export with
+dynamo), store the weights as int8, and check the file against the scheme's rules.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from pipeline.data import Dataset
+from pipeline.errors import ModelError
+from pipeline.export import check_parity, export_onnx
+from pipeline.recipe import ExportConfig, ParityConfig, QATStage
+from pipeline.stages import StageContext
+from pipeline.stages.distill import distillation_objective
+from pipeline.stages.qdq import check_scheme, store_weights_int8
+from pipeline.stages.train import fit
+
+QAT_OPSET = 17   # the TorchScript exporter's best-tested opset; per-channel Q/DQ needs ≥ 13
+
+
+def run(cfg: QATStage, scheme: str, model: nn.Module, data: Dataset, ctx: StageContext, export: ExportConfig,
+        out_path: Path) -> dict:
+    example = tuple(spec.example(2, torch.Generator().manual_seed(0)) for spec in ctx.specs)
+    folded = fold_batchnorm(model, example)
+    quantized = _insert_quantizers(model, data, cfg, scheme)
+    objective = distillation_objective(ctx.load_teacher(), cfg.distillation, cfg) if cfg.distill else None
+    history = fit(quantized, data, cfg, ctx, label=f"qat ({scheme})", objective=objective)
+    _export_as_qdq_pairs(quantized)
+    export_onnx(quantized.eval(), ctx.specs, ExportConfig(exporter="torchscript", opset=QAT_OPSET, slim=export.slim),
+                out_path)
+    int8_weights = store_weights_int8(out_path)
+    check_scheme(out_path, scheme)
+    # The fake-quant model and the Q/DQ file round at slightly different points: logits differ by a few
+    # hundredths; the gate is top-1 agreement plus a looser absolute bound.
+    tolerance = ParityConfig(max_abs_diff=export.parity.int8_max_abs_diff,
+                             min_top1_agreement=export.parity.min_top1_agreement, samples=export.parity.samples)
+    parity = check_parity(quantized, out_path, data, ctx.specs, tolerance, ctx.eval_batch_size)
+    return {"scheme": scheme, "batchnorms_folded": folded, "quantizers": len(_quantizers(quantized)),
+            "int8_weights": int8_weights, "history": history, "parity": parity}
+
+
+def fold_batchnorm(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    """Folds every BatchNorm fed directly by a convolution or linear layer into that layer (found by running
+    the model with hooks, so any architecture works). Each fold is kept only if the outputs stay the same, which
+    catches a layer whose output is also used elsewhere. Returns how many were folded."""
+    model.eval()
+    pairs = _conv_bn_pairs(model, example)
+    with torch.no_grad():
+        reference = model(*example)
+    folded = 0
+    for layer_name, bn_name in pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+        _replace(model, layer_name, fuse(layer, bn))
+        _replace(model, bn_name, nn.Identity())
+        with torch.no_grad():
+            same = torch.allclose(model(*example), reference, rtol=1e-3, atol=1e-4)
+        if same:
+            folded += 1
+        else:  # undo: the layer's output feeds something besides the BatchNorm
+            _replace(model, layer_name, layer)
+            _replace(model, bn_name, bn)
+    return folded
+
+
+def _conv_bn_pairs(model: nn.Module, example) -> list[tuple[str, str]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    produced_by: dict[int, str] = {}
+    pairs = []
+
+    def record_output(module, inputs, output):
+        produced_by[id(output)] = names[id(module)]
+
+    def match_input(module, inputs, output):
+        source = produced_by.get(id(inputs[0]))
+        if source is not None:
+            pairs.append((source, names[id(module)]))
+
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    hooks = [m.register_forward_hook(record_output) for m in model.modules() if isinstance(m, layers)]
+    hooks += [m.register_forward_hook(match_input) for m in model.modules() if isinstance(m, norms)]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(pairs))  # a module called twice would repeat its pair
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
+
+
+def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: str) -> nn.Module:
+    """NNCF's min-max calibration on training inputs. The `ort-x86` scheme takes NNCF's MIXED preset
+    (asymmetric uint8 activations, symmetric int8 weights); the int8-everywhere schemes take PERFORMANCE
+    (symmetric) and have every activation quantizer made signed before training."""
+    import nncf
+
+    samples = [xs for xs, _ in data.batches(data.train, 32)]
+    preset = nncf.QuantizationPreset.MIXED if scheme == "ort-x86" else nncf.QuantizationPreset.PERFORMANCE
+    try:
+        with _quiet_nncf():
+            quantized = nncf.quantize(model, nncf.Dataset(samples, lambda xs: xs if len(xs) > 1 else xs[0]),
+                                      preset=preset, subset_size=max(1, cfg.calibration_samples // 32))
+    except (RuntimeError, ValueError, TypeError, nncf.ValidationError) as exc:
+        raise ModelError(f"qat: NNCF cannot quantize the model ({str(exc).splitlines()[0][:200]})") from None
+    if scheme != "ort-x86":
+        for quantizer in _quantizers(quantized):
+            if hasattr(quantizer, "signed") and not quantizer.signed:
+                quantizer.signed = True
+    return quantized
+
+
+def _quantizers(model: nn.Module) -> list[nn.Module]:
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    return [m for m in model.modules() if isinstance(m, BaseQuantizer)]
+
+
+def _export_as_qdq_pairs(model: nn.Module) -> None:
+    """NNCF exports OpenVINO FakeQuantize by default, which neither ORT nor TensorRT runs."""
+    from nncf.torch.quantization.layers import QuantizerExportMode
+
+    for quantizer in _quantizers(model):
+        quantizer.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+
+
+@contextlib.contextmanager
+def _quiet_nncf():
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
