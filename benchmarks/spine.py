@@ -2,7 +2,7 @@
 
     python -m benchmarks.spine [--out DIR] [--json FILE]
 
-Prints each step's wall time, the totals and the accuracy against the spine's targets: cold run < 90 s,
+Prints each step's wall time, the totals and the accuracy against the targets: cold run < 180 s,
 warm re-run < 10 s, mnist_cnn validation accuracy ≥ 98 %. Runs the CLI in a subprocess (benchmarks never
 import the pipeline), so interpreter start-up and imports are part of the figures.
 """
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGETS = {"cold_s": 90.0, "warm_s": 10.0, "accuracy": 98.0}
+TARGETS = {"cold_s": 180.0, "warm_s": 10.0, "accuracy": 98.0}   # default recipe: train → prune → QAT
 
 
 def timed_run(out: Path, cache: Path) -> float:

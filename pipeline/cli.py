@@ -80,6 +80,21 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
         stdout.print(f"run folder: {result.out_dir}  (executed: {', '.join(result.executed) or 'nothing, all cached'})")
 
 
+@app.command()
+def evaluate(onnx_file: Path = typer.Argument(..., help="An ONNX file taking the recipe model's inputs."),
+             recipe: Optional[Path] = typer.Argument(None, help="Recipe whose data and model define the inputs."),
+             set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe field (repeatable)."),
+             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Top-1 accuracy of any ONNX file on the recipe's validation split (the split every stage is scored on)."""
+    with _user_errors(debug):
+        import json
+
+        from pipeline.evaluate import evaluate_onnx_file
+        from pipeline.recipe import load_recipe
+
+        stdout.print(json.dumps(evaluate_onnx_file(onnx_file, load_recipe(recipe, set_ or []))), highlight=False)
+
+
 @app.command("models")
 def models_cmd():
     """List the registered models with their defaults."""

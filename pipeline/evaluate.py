@@ -1,6 +1,8 @@
 """Accuracy for torch and ONNX models on the validation split, and model size (params, MACs)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -60,3 +62,17 @@ def model_sparsity(model: nn.Module) -> float:
     """Zeros among all parameters: what magnitude pruning leaves, and what compresses."""
     params = list(model.parameters())
     return sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
+
+
+def evaluate_onnx_file(path: Path, recipe) -> dict:
+    """An ONNX file from anywhere (another tool's quantizer, say), scored exactly as the pipeline's stages are."""
+    from pipeline.data import load_dataset
+    from pipeline.model_source import build_model, input_specs
+    from targets.backends.onnxruntime import OrtRunner
+
+    if not Path(path).is_file():
+        raise DataError(f"ONNX file '{path}' does not exist")
+    specs = input_specs(build_model(recipe.model), recipe.model)
+    data = load_dataset(recipe.data, specs)
+    accuracy = onnx_accuracy(OrtRunner(Path(path)), data, specs, recipe.data.eval_batch_size)
+    return {"file": str(path), "data": recipe.data.name, "samples": len(data.val), "accuracy": accuracy}

@@ -88,10 +88,11 @@ def write_io_spec(path: Path, specs: tuple[InputSpec, ...], outputs: list[str]) 
 
 
 def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[InputSpec, ...],
-                 cfg: ParityConfig, batch_size: int) -> dict:
-    """ONNX Runtime vs torch on real validation inputs; raises ParityError past the recipe's tolerance."""
+                 cfg: ParityConfig, batch_size: int, *, int8: bool = False) -> dict:
+    """ONNX Runtime vs torch on real validation inputs; raises ParityError past the recipe's tolerance.
+    `int8`: a fake-quant model vs its Q/DQ file, bounded relative to the largest |output| instead."""
     runner = OrtRunner(onnx_path)
-    max_diff, agree, seen = 0.0, 0, 0
+    max_diff, max_reference, agree, seen = 0.0, 0.0, 0, 0
     with torch.inference_mode():
         for xs, _ in data.batches(data.val, batch_size):
             if seen >= cfg.samples:
@@ -100,13 +101,17 @@ def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[
             reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).numpy()
             actual = runner(feeds(xs, specs))[0]
             max_diff = max(max_diff, float(np.max(np.abs(reference - actual))))
+            max_reference = max(max_reference, float(np.max(np.abs(reference))))
             agree += int((reference.argmax(-1) == actual.argmax(-1)).sum())
             seen += len(reference)
-    result = {"samples": seen, "max_abs_diff": max_diff, "top1_agreement": agree / seen,
+    relative = max_diff / max(max_reference, 1e-12)
+    result = {"samples": seen, "max_abs_diff": max_diff, "max_rel_diff": relative, "top1_agreement": agree / seen,
               "tolerance": cfg.model_dump()}
-    if max_diff > cfg.max_abs_diff or result["top1_agreement"] < cfg.min_top1_agreement:
-        raise ParityError(f"parity gate failed on {seen} validation inputs: max |torch−onnx| = {max_diff:.3g} "
-                          f"(allowed {cfg.max_abs_diff:g}), top-1 agreement {result['top1_agreement']:.4f} "
+    measured, allowed, what = ((relative, cfg.int8_max_rel_diff, "max |torch−onnx| / max |output|") if int8
+                               else (max_diff, cfg.max_abs_diff, "max |torch−onnx|"))
+    if measured > allowed or result["top1_agreement"] < cfg.min_top1_agreement:
+        raise ParityError(f"parity gate failed on {seen} validation inputs: {what} = {measured:.3g} "
+                          f"(allowed {allowed:g}), top-1 agreement {result['top1_agreement']:.4f} "
                           f"(required {cfg.min_top1_agreement:g}); loosen export.parity or check the model's ops")
     return result
 

@@ -214,7 +214,10 @@ Stage = Annotated[Union[Annotated[TrainStage, Tag("train")], Annotated[PruneStag
 
 class ParityConfig(Strict):
     max_abs_diff: float = Field(default=1e-3, gt=0)
-    int8_max_abs_diff: float = Field(default=0.5, gt=0)   # fake-quant torch vs Q/DQ ONNX: rounding points differ
+    # INT8: fake-quant torch vs the Q/DQ ONNX round at different points, and the differences grow with depth
+    # (measured: mnist_cnn 0.007, pruned mobilenet_v2 0.23 of the largest |output|, top-1 agreement 1.0 for both).
+    # The bound catches a broken export (a wrong scale, a missing quantizer); top-1 agreement is the main gate.
+    int8_max_rel_diff: float = Field(default=0.5, gt=0)
     min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
     samples: int = Field(default=256, ge=1)
 

@@ -166,9 +166,10 @@ class _RunContext:
 
     def quantize_step(self, stage, scheme: str, model_step: Step, fp32: Step, teacher: Step) -> Step:
         """QAT or PTQ for one quantization scheme: an INT8 Q/DQ ONNX that passes the scheme's rules."""
-        key = content_key(stage.kind, scheme, model_step.key, fp32.key, stage.model_dump(mode="json", exclude={"schemes"}),
-                          self._data_key(), teacher.key, self.recipe.export.model_dump(mode="json"),
-                          self.recipe.bench.model_dump(mode="json"), _host_fingerprint(), tool_versions())
+        config = stage.model_dump(mode="json", exclude={"schemes"})  # one scheme more must not redo the others
+        key = content_key(stage.kind, scheme, model_step.key, fp32.key, config, self._data_key(), teacher.key,
+                          self.recipe.export.model_dump(mode="json"), self.recipe.bench.model_dump(mode="json"),
+                          _host_fingerprint(), tool_versions())
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(model_step.artifact)

@@ -6,7 +6,7 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
 _PACKAGES = ("edgesmith", "torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "numpy", "torch-pruning",
-             "safetensors")
+             "safetensors", "nncf")
 
 
 @cache

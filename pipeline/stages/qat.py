@@ -19,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from pipeline.data import Dataset
 from pipeline.errors import ModelError
 from pipeline.export import check_parity, export_onnx
-from pipeline.recipe import ExportConfig, ParityConfig, QATStage
+from pipeline.recipe import ExportConfig, QATStage
 from pipeline.stages import StageContext
 from pipeline.stages.distill import distillation_objective
 from pipeline.stages.qdq import check_scheme, store_weights_int8
@@ -40,11 +40,7 @@ def run(cfg: QATStage, scheme: str, model: nn.Module, data: Dataset, ctx: StageC
                 out_path)
     int8_weights = store_weights_int8(out_path)
     check_scheme(out_path, scheme)
-    # The fake-quant model and the Q/DQ file round at slightly different points: logits differ by a few
-    # hundredths; the gate is top-1 agreement plus a looser absolute bound.
-    tolerance = ParityConfig(max_abs_diff=export.parity.int8_max_abs_diff,
-                             min_top1_agreement=export.parity.min_top1_agreement, samples=export.parity.samples)
-    parity = check_parity(quantized, out_path, data, ctx.specs, tolerance, ctx.eval_batch_size)
+    parity = check_parity(quantized, out_path, data, ctx.specs, export.parity, ctx.eval_batch_size, int8=True)
     return {"scheme": scheme, "batchnorms_folded": folded, "quantizers": len(_quantizers(quantized)),
             "int8_weights": int8_weights, "history": history, "parity": parity}
 
@@ -110,12 +106,19 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
     (symmetric) and have every activation quantizer made signed before training."""
     import nncf
 
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
     samples = [xs for xs, _ in data.batches(data.train, 32)]
     preset = nncf.QuantizationPreset.MIXED if scheme == "ort-x86" else nncf.QuantizationPreset.PERFORMANCE
+    # Per-tensor activations: NNCF would quantize depthwise convolutions' inputs per channel, which neither
+    # ONNX Runtime's QLinearConv nor TensorRT accepts (ORT then runs those convolutions in float: slower).
+    per_tensor = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(
+        per_channel=False))
     try:
         with _quiet_nncf():
             quantized = nncf.quantize(model, nncf.Dataset(samples, lambda xs: xs if len(xs) > 1 else xs[0]),
-                                      preset=preset, subset_size=max(1, cfg.calibration_samples // 32))
+                                      preset=preset, subset_size=max(1, cfg.calibration_samples // 32),
+                                      advanced_parameters=per_tensor)
     except (RuntimeError, ValueError, TypeError, nncf.ValidationError) as exc:
         raise ModelError(f"qat: NNCF cannot quantize the model ({str(exc).splitlines()[0][:200]})") from None
     if scheme != "ort-x86":

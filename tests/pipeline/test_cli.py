@@ -59,3 +59,14 @@ def test_fast_recipe_cli_variant_runs(tmp_path):
     args = [a for item in FAST for a in ("--set", item)]
     edgesmith("run", *args, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), check=True)
     assert (tmp_path / "r/results.md").is_file()
+
+
+def test_evaluate_scores_any_onnx_file_on_the_validation_split(tmp_path):
+    args = [a for item in FAST for a in ("--set", item)]
+    edgesmith("run", *args, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), check=True)
+    rows = json.loads((tmp_path / "r/results.json").read_text())
+    proc = edgesmith("evaluate", str(tmp_path / "r/export/model.onnx"), str(tmp_path / "r/recipe.yaml"), check=True)
+    scored = json.loads(proc.stdout)
+    assert scored["accuracy"] == next(r for r in rows if r["stage"] == "export")["accuracy"]
+    missing = edgesmith("evaluate", str(tmp_path / "nope.onnx"), str(tmp_path / "r/recipe.yaml"))
+    assert missing.returncode == 2 and "nope.onnx' does not exist" in missing.stderr

