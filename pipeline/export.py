@@ -109,10 +109,11 @@ def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[
               "tolerance": cfg.model_dump()}
     measured, allowed, what = ((relative, cfg.int8_max_rel_diff, "max |torch−onnx| / max |output|") if int8
                                else (max_diff, cfg.max_abs_diff, "max |torch−onnx|"))
-    if measured > allowed or result["top1_agreement"] < cfg.min_top1_agreement:
+    min_agreement = cfg.int8_min_top1_agreement if int8 else cfg.min_top1_agreement
+    if measured > allowed or result["top1_agreement"] < min_agreement:
         raise ParityError(f"parity gate failed on {seen} validation inputs: {what} = {measured:.3g} "
                           f"(allowed {allowed:g}), top-1 agreement {result['top1_agreement']:.4f} "
-                          f"(required {cfg.min_top1_agreement:g}); loosen export.parity or check the model's ops")
+                          f"(required {min_agreement:g}); loosen export.parity or check the model's ops")
     return result
 
 

@@ -218,6 +218,7 @@ class ParityConfig(Strict):
     # (measured: mnist_cnn 0.007, pruned mobilenet_v2 0.23 of the largest |output|, top-1 agreement 1.0 for both).
     # The bound catches a broken export (a wrong scale, a missing quantizer); top-1 agreement is the main gate.
     int8_max_rel_diff: float = Field(default=0.5, gt=0)
+    int8_min_top1_agreement: float = Field(default=0.97, ge=0, le=1)   # measured 0.988 on a 1-epoch mobilenet_v2
     min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
     samples: int = Field(default=256, ge=1)
 
