@@ -61,7 +61,7 @@ def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, flo
             stats = measure(lambda: session.run(None, feed), warmup=5, runs=max(5, runs // ROUNDS),
                             batch_size=batch, threads=0, min_warmup_s=0.2)
             p50s[label].append(stats.p50)
-            del session
+            session = None  # its thread pool goes now, before the next model's session starts
     return {label: float(np.median(values)) for label, values in p50s.items()}
 
 

@@ -1,12 +1,8 @@
 """ONNX export with an explicit exporter, checks on the written file, and the torch↔ONNX Runtime parity gate."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import warnings
 import zlib
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from models import InputSpec
 from pipeline.data import Dataset
 from pipeline.errors import ExportError, ParityError
 from pipeline.evaluate import feeds
+from pipeline.progress import quiet
 from pipeline.recipe import ExportConfig, ParityConfig
 from targets.backends.onnxruntime import OrtRunner
 
@@ -41,7 +38,7 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
     axes.update({name: {0: "batch"} for name in outputs if any("batch" in a.values() for a in axes.values())})
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     try:
-        with _quiet_exporter():
+        with quiet("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", hide_warnings=True):
             if cfg.exporter == "dynamo":
                 torch.onnx.export(model, example, str(tmp), dynamo=True, external_data=False, opset_version=cfg.opset,
                                   input_names=[s.name for s in specs], output_names=outputs, dynamic_axes=axes,
@@ -148,24 +145,8 @@ def _check_batch_really_dynamic(path: Path, specs: tuple[InputSpec, ...]) -> Non
 def _slim(proto: onnx.ModelProto) -> onnx.ModelProto:
     import onnxslim
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         return onnxslim.slim(proto)
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporters print progress and warnings that say nothing to our users; keep errors."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,6 +79,7 @@ class _RunContext:
     steps: list[Step] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    measured: dict[str, Step] = field(default_factory=dict)   # model step key → its measure step
     _data: Dataset | None = None
 
     def __post_init__(self):
@@ -138,27 +139,30 @@ class _RunContext:
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(model_step.artifact)
-            export_onnx(model, specs, self.recipe.export, tmp / ONNX_FILE)
+            sidecar["export"] = export_onnx(model, specs, self.recipe.export, tmp / ONNX_FILE)
             sidecar["metrics"] = {**onnx_size(tmp / ONNX_FILE), "latency_ms": self._host_latency(tmp, specs)}
 
-        return self._cached("measure", key, build, folder / "onnx", {"input": model_step.key})
+        step = self._cached("measure", key, build, folder / "onnx", {"input": model_step.key})
+        self.measured[model_step.key] = step
+        return step
 
     def export_step(self, previous: Step) -> Step:
+        """The final FP32 model's ONNX (the file its measure step already wrote) through the parity gate."""
         cfg = self.recipe.export
-        key = content_key("export", previous.key, cfg.model_dump(mode="json"), self._data_key(),
-                          self.recipe.bench.model_dump(mode="json"), _host_fingerprint(), tool_versions())
+        measured = self.measured.get(previous.key) or self.measure_step(previous, self.out_dir / "stages" / "00-model")
+        key = content_key("export", measured.key, cfg.model_dump(mode="json"), self._data_key(), tool_versions())
 
         def build(tmp: Path, sidecar: dict) -> None:
             model, specs = load_model_artifact(previous.artifact)
-            facts = export_onnx(model, specs, cfg, tmp / ONNX_FILE)
+            shutil.copyfile(measured.artifact / ONNX_FILE, tmp / ONNX_FILE)
+            facts = measured.sidecar["export"]
             write_io_spec(tmp / "io.json", specs, facts["outputs"])
             batch = self.recipe.data.eval_batch_size
             data = self.dataset(specs)
             parity = check_parity(model, tmp / ONNX_FILE, data, specs, cfg.parity, batch)
             sidecar["export"] = facts
-            sidecar["metrics"] = {**previous.sidecar["metrics"], **onnx_size(tmp / ONNX_FILE), "parity": parity,
-                                  "accuracy": self._onnx_accuracy(tmp, specs),
-                                  "latency_ms": self._host_latency(tmp, specs), "precision": "fp32"}
+            sidecar["metrics"] = {**previous.sidecar["metrics"], **measured.sidecar["metrics"], "parity": parity,
+                                  "accuracy": self._onnx_accuracy(tmp, specs), "precision": "fp32"}
 
         step = self._cached("export", key, build, self.out_dir / "export", {"input": previous.key})
         self._row("export", step.sidecar["metrics"])
@@ -175,7 +179,8 @@ class _RunContext:
             model, specs = load_model_artifact(model_step.artifact)
             context = self._stage_context(specs, teacher, len(self.recipe.stages))
             if stage.kind == "qat":
-                facts = qat.run(stage, scheme, model, self.dataset(specs), context, self.recipe.export, tmp / ONNX_FILE)
+                facts = qat.run(stage, scheme, model, self.dataset(specs), context, self.recipe.export,
+                                tmp / ONNX_FILE)
             else:
                 facts = ptq.run(stage, scheme, fp32.artifact / ONNX_FILE, self.dataset(specs), context,
                                 tmp / ONNX_FILE)
@@ -186,10 +191,9 @@ class _RunContext:
                                   "latency_ms": self._host_latency(tmp, specs), "precision": "int8",
                                   "scheme": scheme}
 
-        label = f"{stage.kind}:{scheme}"
         step = self._cached(stage.kind, key, build, self.out_dir / "stages" / f"{len(self.recipe.stages):02d}-"
                             f"{stage.kind}-{scheme}", {"input": model_step.key, "fp32": fp32.key})
-        self._row(label, step.sidecar["metrics"])
+        self._row(_onnx_label(step), step.sidecar["metrics"])
         return step
 
     def target_step(self, profile: Profile, onnx_step: Step) -> Step:
@@ -212,8 +216,7 @@ class _RunContext:
 
         bench = self._cached("bench", bench_key, build_bench, None, {"input": compiled.key})
         atomic_write_json(self.out_dir / "targets" / profile.name / "bench.json", bench.sidecar)
-        label = "export" if onnx_step.kind == "export" else f"{onnx_step.kind}:{onnx_step.sidecar['metrics']['scheme']}"
-        self._row(label, {**onnx_step.sidecar["metrics"], "latency_ms": bench.sidecar["latency_ms"]},
+        self._row(_onnx_label(onnx_step), {**onnx_step.sidecar["metrics"], "latency_ms": bench.sidecar["latency_ms"]},
                   target=profile.name, backend=backend)
         return bench
 
@@ -304,6 +307,11 @@ class _RunContext:
             yield
         finally:
             report.write(self.out_dir, self.recipe, self.steps, self.rows, self.started)
+
+
+def _onnx_label(step: Step) -> str:
+    """The results label of a deployable ONNX step: `export` (FP32), or `<qat|ptq>:<scheme>` (INT8)."""
+    return "export" if step.kind == "export" else f"{step.kind}:{step.sidecar['metrics']['scheme']}"
 
 
 def _host_fingerprint() -> str:

@@ -8,6 +8,9 @@ import torch.nn as nn
 
 from pipeline.errors import ModelError, RecipeError
 
+# Layers whose weight is a dense matrix or kernel: what magnitude pruning zeroes and BatchNorm folds into.
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
 
 def module_named(model: nn.Module, name: str, field: str) -> nn.Module:
     """The submodule called `name`; an unknown name is a recipe error that lists similar names."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
@@ -18,16 +17,13 @@ from pipeline.evaluate import model_sparsity
 from pipeline.recipe import MagnitudePruneStage
 from pipeline.stages import StageContext, StageResult
 from pipeline.stages.distill import distillation_objective
-from pipeline.stages.layers import ignored_modules
+from pipeline.stages.layers import WEIGHT_LAYERS, ignored_modules
 from pipeline.stages.train import fit
-
-_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 def run(cfg: MagnitudePruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
     example = tuple(spec.example(2) for spec in ctx.specs)
     ignored = {id(m) for m in ignored_modules(model, example, cfg.ignored_layers, "prune.ignored_layers")}
-    weights = [(m, "weight") for m in model.modules() if isinstance(m, _PRUNABLE) and id(m) not in ignored]
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, WEIGHT_LAYERS) and id(m) not in ignored]
     if not weights:
         raise ModelError("prune (magnitude): the model has no convolution or linear weights outside ignored_layers")
     masks = _GlobalMasks(weights)

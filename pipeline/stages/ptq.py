@@ -2,9 +2,6 @@
 ONNX, with the quantization settings each scheme's runtime needs. The cheap baseline QAT is compared with."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import numpy as np
 from pipeline.data import Dataset
 from pipeline.errors import ExportError
 from pipeline.evaluate import feeds
+from pipeline.progress import quiet
 from pipeline.recipe import PTQStage
 from pipeline.stages import StageContext
 from pipeline.stages.qdq import check_scheme
@@ -29,7 +27,7 @@ def run(cfg: PTQStage, scheme: str, fp32_onnx: Path, data: Dataset, ctx: StageCo
     activation, weight, extra = scheme_settings(scheme)
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
-    with tempfile.TemporaryDirectory() as tmp, _quiet_ort():
+    with tempfile.TemporaryDirectory() as tmp, quiet("", hide_stderr=True):  # ORT's quantizer logs to the root logger
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared))  # shape inference + graph fusions before calibration
         try:
@@ -73,17 +71,3 @@ class _Calibration:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
-
-
-@contextlib.contextmanager
-def _quiet_ort():
-    """ORT's quantizer logs and prints progress that says nothing to our users."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-

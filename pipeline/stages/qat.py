@@ -7,9 +7,6 @@ dynamo), store the weights as int8, and check the file against the scheme's rule
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 
 import torch
@@ -19,9 +16,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from pipeline.data import Dataset
 from pipeline.errors import ModelError
 from pipeline.export import check_parity, export_onnx
+from pipeline.progress import quiet
 from pipeline.recipe import ExportConfig, QATStage
 from pipeline.stages import StageContext
 from pipeline.stages.distill import distillation_objective
+from pipeline.stages.layers import WEIGHT_LAYERS
 from pipeline.stages.qdq import check_scheme, store_weights_int8
 from pipeline.stages.train import fit
 
@@ -82,9 +81,8 @@ def _conv_bn_pairs(model: nn.Module, example) -> list[tuple[str, str]]:
         if source is not None:
             pairs.append((source, names[id(module)]))
 
-    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    hooks = [m.register_forward_hook(record_output) for m in model.modules() if isinstance(m, layers)]
+    hooks = [m.register_forward_hook(record_output) for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     hooks += [m.register_forward_hook(match_input) for m in model.modules() if isinstance(m, norms)]
     try:
         with torch.no_grad():
@@ -115,7 +113,7 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
     per_tensor = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(
         per_channel=False))
     try:
-        with _quiet_nncf():
+        with quiet("nncf"):
             quantized = nncf.quantize(model, nncf.Dataset(samples, lambda xs: xs if len(xs) > 1 else xs[0]),
                                       preset=preset, subset_size=max(1, cfg.calibration_samples // 32),
                                       advanced_parameters=per_tensor)
@@ -140,15 +138,3 @@ def _export_as_qdq_pairs(model: nn.Module) -> None:
 
     for quantizer in _quantizers(model):
         quantizer.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
-
-
-@contextlib.contextmanager
-def _quiet_nncf():
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)

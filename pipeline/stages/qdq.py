@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -40,7 +41,7 @@ def check_scheme(path: Path, scheme: str) -> None:
         raise ExportError(f"the INT8 ONNX breaks the '{scheme}' Q/DQ rules at {len(violations)} node(s): {shown}")
 
 
-def _evaluate(node: onnx.NodeProto, stored: dict, opsets) -> "np.ndarray":  # noqa: F821
+def _evaluate(node: onnx.NodeProto, stored: dict, opsets) -> np.ndarray:
     """Runs one QuantizeLinear on its stored inputs with ONNX's reference implementation."""
     inputs = [stored[name] for name in node.input if name]
     single = helper.make_graph([node], "quantize", [], [helper.make_tensor_value_info(node.output[0], 0, None)],

@@ -14,6 +14,7 @@ from pipeline.evaluate import check_labels, torch_accuracy
 from pipeline.progress import progress_bar
 from pipeline.recipe import TrainingConfig, TrainStage
 from pipeline.stages import StageContext, StageResult
+from pipeline.stages.layers import WEIGHT_LAYERS
 
 # (student logits, labels, inputs) -> loss
 Objective = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -92,7 +93,7 @@ def _zero_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     masks = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(weight, torch.Tensor):
+        if isinstance(module, WEIGHT_LAYERS) and isinstance(weight, torch.Tensor):
             mask = weight.detach() != 0
             if 1 - mask.float().mean() >= _SPARSE_ENOUGH:
                 masks.append((weight, mask))
