@@ -12,11 +12,6 @@ from targets import Profile
 from targets.backends import get_backend
 
 
-def bench_artifact(backend_name: str, artifact: Path, profile: Profile, specs: tuple[InputSpec, ...],
-                   cfg: BenchConfig) -> LatencyStats:
-    return time_runner(get_backend(backend_name).load(artifact, profile), specs, cfg)
-
-
 def host_latency(onnx_path: Path, specs: tuple[InputSpec, ...], cfg: BenchConfig) -> LatencyStats:
     """ONNX Runtime on this machine with all its cores: the per-stage latency column."""
     return time_runner(get_backend("onnxruntime").load(onnx_path), specs, cfg)

@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 targets_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
                           help="List device profiles; `targets show NAME` prints one.")
 app.add_typer(targets_app, name="targets")
+bundle_app = typer.Typer(no_args_is_help=True, help="Deployment bundles: `bundle verify DIR`.")
+app.add_typer(bundle_app, name="bundle")
+board_app = typer.Typer(no_args_is_help=True, help="Emulated boards: `board emulate aarch64 -- CMD`.")
+app.add_typer(board_app, name="board")
 # Piped output keeps full-width tables rather than rich's 80-column fallback.
 stdout = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
 
@@ -36,10 +40,11 @@ def _user_errors(debug: bool = False):
     """Known errors become one line on stderr and exit code 2; --debug shows the traceback instead."""
     from models import UnknownModelError
     from targets import ProfileError
+    from targets.backends import BackendError
 
     try:
         yield
-    except (EdgesmithError, ProfileError, UnknownModelError) as exc:
+    except (EdgesmithError, ProfileError, UnknownModelError, BackendError) as exc:
         if debug:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -76,7 +81,8 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
 
         result = run_pipeline(resolved, out or Path("runs") / resolved.name, cache_dir or _default_cache_dir(),
                               use_cache=not no_cache)
-        stdout.print(report.table(result.rows))
+        for table in report.tables(result.rows):
+            stdout.print(table)
         stdout.print(f"run folder: {result.out_dir}  (executed: {', '.join(result.executed) or 'nothing, all cached'})")
 
 
@@ -134,6 +140,42 @@ def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesm
 
         stdout.print(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False), highlight=False,
                      end="")
+
+
+@bundle_app.command("verify")
+def bundle_verify(folder: Path = typer.Argument(..., help="A bundle folder, e.g. runs/<name>/bundles/<profile>."),
+                  debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Re-check every file's sha256 and run parity on this machine wherever the bundle's backend runs here."""
+    with _user_errors(debug):
+        import json
+
+        from pipeline.bundle import verify
+
+        stdout.print(json.dumps(verify(folder), indent=2), highlight=False)
+
+
+@board_app.command("emulate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def board_emulate(ctx: typer.Context,
+                  arch: str = typer.Argument("aarch64", help="Board architecture (aarch64)."),
+                  prepare_only: bool = typer.Option(False, "--prepare", help="Only build the board's sysroot."),
+                  rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker",
+                                                            help="HOST:PORT: run a TVM RPC server on the board."),
+                  rpc_key: str = typer.Option("emulated-aarch64", "--rpc-key", help="Key the RPC server registers."),
+                  root: Optional[Path] = typer.Option(None, "--root", help="Board folder (default: "
+                                                      "<cache dir>/boards/<arch>)."),
+                  debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Prepare a private aarch64 sysroot (Debian arm64 Python + aarch64 TVM and ONNX Runtime wheels) and run a
+    command (`-- python3 script.py`) or a TVM RPC server under qemu-user. Correctness only: never latency."""
+    with _user_errors(debug):
+        from targets import board
+
+        folder = board.prepare(root or _default_cache_dir() / "boards" / arch, arch,
+                               log=lambda m: Console(stderr=True).print(f"[cyan]board[/] {m}"))
+        if prepare_only:
+            stdout.print(f"board ready: {folder}  (python: {board.python(folder)})")
+            return
+        command = board.rpc_server_command(folder, rpc_tracker, rpc_key) if rpc_tracker else list(ctx.args)
+        raise typer.Exit(board.run(folder, command).returncode)
 
 
 def entry() -> None:

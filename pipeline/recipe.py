@@ -242,6 +242,21 @@ class BenchConfig(Strict):
     batch_size: int = Field(default=1, ge=1)
 
 
+class TVMCompileConfig(Strict):
+    tuning_trials: int = Field(default=0, ge=0)   # MetaSchedule trials for targets that run here; 0: untuned
+
+
+class CompileConfig(Strict):
+    """Per-device choice: each target tries its backends × these precisions (the order is the preference used when
+    nothing can be measured), keeps what passes parity, and bundles the fastest measured one."""
+    precisions: list[Literal["int8", "fp16", "fp32"]] = Field(default=["int8", "fp16", "fp32"], min_length=1)
+    parity_samples: int = Field(default=32, ge=1)   # validation inputs for device parity (shipped in the bundle)
+    # Compiled artifact vs ONNX Runtime on the same ONNX, relative to the largest |output|, per precision.
+    max_rel_diff: dict[Literal["int8", "fp16", "fp32"], float] = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.1}
+    min_top1_agreement: float = Field(default=0.97, ge=0, le=1)
+    tvm: TVMCompileConfig = TVMCompileConfig()
+
+
 class BudgetConfig(Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0)   # points, against the uncompressed model
 
@@ -253,6 +268,7 @@ class Recipe(Strict):
     stages: list[Stage] = []
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
+    compile: CompileConfig = CompileConfig()
     targets: list[str] = ["x86-host"]
     budget: BudgetConfig = BudgetConfig()
 

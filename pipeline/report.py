@@ -12,13 +12,16 @@ from pipeline.recipe import Recipe
 from pipeline.versions import tool_versions
 
 
-def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None) -> dict:
-    """One results row: a stage's model (target null) or a benchmarked target."""
+def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None,
+        status: str | None = None) -> dict:
+    """One results row: a stage's model (target null), or one backend × precision candidate of a target."""
     out = {"stage": stage, "target": target, "precision": metrics.get("precision", "fp32"),
            **{k: metrics.get(k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes", "onnx_zipped_bytes",
                                           "latency_ms")}}
     if backend:
         out["backend"] = backend
+    if status:
+        out["status"] = status
     if metrics.get("parity"):
         out["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
     return out
@@ -60,32 +63,63 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
     })
 
 
-_COLUMNS = ("stage", "target", "dtype", "acc %", "params", "MACs", "zeros", "ONNX", "zipped", "p50 ms", "p90 ms",
-            "p99 ms")
+_STAGE_COLUMNS = ("stage", "dtype", "acc %", "params", "MACs", "zeros", "ONNX", "zipped", "host p50 ms", "p90 ms",
+                  "p99 ms")
+_TARGET_COLUMNS = ("target", "backend", "dtype", "from", "acc %", "p50 ms", "p90 ms", "p99 ms", "parity Δ", "status")
 
 
-def _cells(row: dict) -> list[str]:
-    lat = row["latency_ms"] or {}
-    fmt_ms = lambda k: f"{lat[k]:.3f}" if k in lat else "—"  # noqa: E731
-    return [row["stage"], row["target"] or "—", row["precision"],
-            "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}",
-            _human(row["params"]), _human(row["macs"]), "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}",
-            _human(row["onnx_bytes"]), _human(row["onnx_zipped_bytes"]), fmt_ms("p50"), fmt_ms("p90"), fmt_ms("p99")]
+def _ms(row: dict, key: str) -> str:
+    latency = row["latency_ms"] or {}
+    return f"{latency[key]:.3f}" if key in latency else "—"
 
 
-def table(result_rows: list[dict]) -> Table:
-    t = Table(title="edgesmith results")
-    for col in _COLUMNS:
-        t.add_column(col, justify="left" if col in ("stage", "target") else "right")
-    for row in result_rows:
-        t.add_row(*_cells(row))
-    return t
+def _accuracy(row: dict) -> str:
+    return "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
+
+
+def _stage_cells(row: dict) -> list[str]:
+    return [row["stage"], row["precision"], _accuracy(row), _human(row["params"]), _human(row["macs"]),
+            "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}", _human(row["onnx_bytes"]),
+            _human(row["onnx_zipped_bytes"]), _ms(row, "p50"), _ms(row, "p90"), _ms(row, "p99")]
+
+
+def _target_cells(row: dict) -> list[str]:
+    """Latency is the device's only where the device is this machine; elsewhere it stays empty (not measured)."""
+    parity = row.get("parity")
+    return [row["target"], row.get("backend") or "—", row["precision"], row["stage"], _accuracy(row),
+            _ms(row, "p50"), _ms(row, "p90"), _ms(row, "p99"),
+            f"{parity['max_abs_diff']:.1e}" if parity else "on device", row.get("status") or ""]
+
+
+def _tables(result_rows: list[dict]):
+    stages = [r for r in result_rows if r["target"] is None]
+    targets = [r for r in result_rows if r["target"] is not None]
+    yield "stages (latency: ONNX Runtime on this host)", _STAGE_COLUMNS, [_stage_cells(r) for r in stages]
+    if targets:
+        yield "targets (each backend × precision tried; latency only where measured on the device)", \
+            _TARGET_COLUMNS, [_target_cells(r) for r in targets]
+
+
+def tables(result_rows: list[dict]) -> list[Table]:
+    out = []
+    for title, columns, rows in _tables(result_rows):
+        t = Table(title=title)
+        for col in columns:
+            t.add_column(col, justify="left" if col in ("stage", "target", "backend", "from", "status") else "right",
+                         overflow="fold")
+        for cells in rows:
+            t.add_row(*cells)
+        out.append(t)
+    return out
 
 
 def markdown(result_rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in result_rows]
-    return "\n".join(lines) + "\n"
+    lines = []
+    for title, columns, rows in _tables(result_rows):
+        lines += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _human(n: int | None) -> str:

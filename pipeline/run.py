@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from models import InputSpec
-from pipeline import report
-from pipeline.bench import bench_artifact, host_latency
+from pipeline import bundle, deploy, report
+from pipeline.bench import host_latency, time_runner
 from pipeline.cache import Store, atomic_write_json, atomic_write_text, content_key, file_sha256, publish
 from pipeline.data import Dataset, load_dataset
 from pipeline.errors import CheckpointError, TargetError
-from pipeline.evaluate import model_size, model_sparsity, onnx_accuracy, torch_accuracy
+from pipeline.evaluate import feeds, model_size, model_sparsity, onnx_accuracy, torch_accuracy
 from pipeline.export import check_parity, export_onnx, onnx_size, write_io_spec
 from pipeline.model_source import (build_model, input_specs, load_model_artifact, save_model_artifact,
                                    source_fingerprint)
@@ -27,7 +27,8 @@ from pipeline.recipe import Recipe, stage_tag
 from pipeline.stages import StageContext, ptq, qat, stage_functions
 from pipeline.versions import tool_versions
 from targets import Profile, ProfileError, load_profile
-from targets.backends import get_backend
+from targets.backends import BackendError, CompileOptions, get_backend
+from targets.bundle_files.edgesmith_runtime import compare
 from targets.profile import cpu_model
 
 ONNX_FILE = "model.onnx"
@@ -65,8 +66,9 @@ def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = Tru
         fp32 = ctx.export_step(artifact)
         int8 = {scheme: ctx.quantize_step(recipe.quantization, scheme, artifact, fp32, teacher or artifact)
                 for scheme in ctx.schemes}
-        for profile in ctx.profiles:
-            ctx.target_step(profile, int8.get(profile.quant_scheme, fp32))
+        failures = [reason for profile in ctx.profiles if (reason := ctx.target_step(profile, fp32, int8))]
+        if failures:  # raised after every target ran, so one device's failure costs the others nothing
+            raise TargetError("; ".join(failures))
     return RunResult(ctx.out_dir, ctx.steps, ctx.rows)
 
 
@@ -196,29 +198,94 @@ class _RunContext:
         self._row(_onnx_label(step), step.sidecar["metrics"])
         return step
 
-    def target_step(self, profile: Profile, onnx_step: Step) -> Step:
-        backend = self._choose_backend(profile)
-        compile_key = content_key("compile", onnx_step.key, profile.model_dump(mode="json"), backend, tool_versions())
+    def target_step(self, profile: Profile, fp32: Step, int8: dict[str, Step]) -> str | None:
+        """Every backend × precision the profile and recipe allow; the chosen one becomes bundles/<profile>/.
+        Returns why the target has no usable candidate (None when it has one), so other targets still run."""
+        found = deploy.candidates(profile, self.recipe.compile, fp32, int8)
+        for candidate in found:
+            if candidate.status == "pending":
+                self._compile_and_check(profile, candidate)
+        chosen = deploy.choose(found)
+        for c in found:
+            source = c.source.sidecar["metrics"] if c.source else {}
+            self._row(_onnx_label(c.source) if c.source else "-", {
+                **source, "precision": c.precision, "parity": c.parity,
+                "latency_ms": c.checked.sidecar.get("latency_ms") if c.checked else None},
+                target=profile.name, backend=c.backend, status=c.status if not c.reason else f"{c.status}: {c.reason}")
+        if chosen is None:
+            return deploy.failure_summary(profile, found)
+        self._bundle_step(profile, chosen)
+        return None
+
+    def _compile_and_check(self, profile: Profile, candidate: deploy.Candidate) -> None:
+        backend = get_backend(candidate.backend)
+        reason = backend.unavailable_reason(profile)
+        if reason:
+            candidate.status, candidate.reason = "skipped", reason
+            return
+        runs_here = backend.runs_here(profile)
+        options = CompileOptions(precision=candidate.precision, batch_size=self.recipe.bench.batch_size,
+                                 tuning_trials=self.recipe.compile.tvm.tuning_trials
+                                 if candidate.backend == "tvm" and runs_here else 0,
+                                 tuning_dir=self.store.root / "tvm-tuning")
+        source = candidate.source
+        key = content_key("compile", source.key, profile.model_dump(mode="json"), candidate.backend,
+                          {**options.__dict__, "tuning_dir": None}, tool_versions())
 
         def build_compiled(tmp: Path, sidecar: dict) -> None:
-            get_backend(backend).compile(onnx_step.artifact / ONNX_FILE, profile, tmp)
-            sidecar["backend"], sidecar["profile"] = backend, profile.name
+            facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
+            atomic_write_json(tmp / "compile.json", {**facts, "batch_size": facts.get("batch_size", 1)})
+            sidecar["compile"], sidecar["profile"] = facts, profile.name
 
-        compiled = self._cached("compile", compile_key, build_compiled,
-                                self.out_dir / "targets" / profile.name / "artifact", {"input": onnx_step.key})
-        bench_key = content_key("bench", compiled.key, self.recipe.bench.model_dump(mode="json"), _host_fingerprint())
+        folder = self.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}"
+        try:
+            candidate.compiled = self._cached("compile", key, build_compiled, folder, {"input": source.key})
+        except BackendError as exc:
+            candidate.status, candidate.reason = "failed", str(exc)
+            console.print(f"[yellow]✘ {profile.name} {candidate.label}[/] {exc}")
+            return
+        candidate.checked = self._check_step(profile, candidate, runs_here)
 
-        def build_bench(tmp: Path, sidecar: dict) -> None:
-            artifact = compiled.artifact / get_backend(backend).ARTIFACT
-            stats = bench_artifact(backend, artifact, profile, self.specs(onnx_step), self.recipe.bench)
-            sidecar["latency_ms"] = stats.to_dict()
-            sidecar.update(backend=backend, profile=profile.name, measured_on=_host_fingerprint())
+    def _check_step(self, profile: Profile, candidate: deploy.Candidate, runs_here: bool) -> Step:
+        """Parity of the compiled artifact against ONNX Runtime on its source ONNX (where it runs here) and its
+        latency (only where the device is this machine). The parity inputs and references go into the bundle."""
+        tolerance = deploy.tolerance(self.recipe.compile, candidate.precision)
+        measure_here = runs_here and profile.is_host
+        key = content_key("check", candidate.compiled.key, self._data_key(), self.recipe.compile.parity_samples,
+                          tolerance, self.recipe.bench.model_dump(mode="json"), runs_here,
+                          _host_fingerprint() if measure_here else None)
+        specs = self.specs(candidate.source)
 
-        bench = self._cached("bench", bench_key, build_bench, None, {"input": compiled.key})
-        atomic_write_json(self.out_dir / "targets" / profile.name / "bench.json", bench.sidecar)
-        self._row(_onnx_label(onnx_step), {**onnx_step.sidecar["metrics"], "latency_ms": bench.sidecar["latency_ms"]},
-                  target=profile.name, backend=backend)
-        return bench
+        def build(tmp: Path, sidecar: dict) -> None:
+            data = self.dataset(specs)
+            xs, _ = next(data.batches(data.val, self.recipe.compile.parity_samples))
+            inputs = feeds(xs, specs)
+            reference = get_backend("onnxruntime").load(candidate.source.artifact / ONNX_FILE)(inputs)
+            bundle.save_parity_data(tmp, inputs, reference)
+            sidecar.update(tolerance=tolerance, parity=None, latency_ms=None, measured_on=None)
+            if runs_here:
+                runner = get_backend(candidate.backend).load(candidate.compiled.artifact, profile)
+                sidecar["parity"] = compare(runner(inputs), reference, tolerance)
+                if measure_here and sidecar["parity"]["passed"]:
+                    sidecar["latency_ms"] = time_runner(runner, specs, self.recipe.bench).to_dict()
+                    sidecar["measured_on"] = _host_fingerprint()
+
+        return self._cached("check", key, build, None, {"input": candidate.compiled.key})
+
+    def _bundle_step(self, profile: Profile, chosen: deploy.Candidate) -> Step:
+        key = content_key("bundle", chosen.compiled.key, chosen.checked.key, chosen.status, self.recipe.model.name,
+                          self.recipe.name)
+
+        def build(tmp: Path, sidecar: dict) -> None:
+            io_spec = json.loads((chosen.source.artifact / "io.json").read_text())
+            bundle.write(tmp, profile=profile, candidate=chosen, io_spec=io_spec, recipe=self.recipe.name,
+                         model=self.recipe.model.name or self.recipe.model.factory or "model",
+                         versions=tool_versions())
+
+        step = self._cached("bundle", key, build, self.out_dir / "bundles" / profile.name,
+                            {"input": chosen.compiled.key})
+        (self.out_dir / "bundles" / profile.name / "sidecar.json").unlink(missing_ok=True)  # not a bundle file
+        return step
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _cached(self, kind: str, key: str, build: Callable[[Path, dict], None], publish_to: Path | None,
@@ -241,9 +308,10 @@ class _RunContext:
         self.steps.append(step)
         return step
 
-    def _row(self, stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None) -> None:
+    def _row(self, stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None,
+             status: str | None = None) -> None:
         """One results row; a compression stage's row is checked against the accuracy budget at once."""
-        self.rows.append(report.row(stage, metrics, target=target, backend=backend))
+        self.rows.append(report.row(stage, metrics, target=target, backend=backend, status=status))
         if target is None:
             report.check_budget(self.rows, self.recipe.budget.max_accuracy_drop)
 
@@ -289,15 +357,6 @@ class _RunContext:
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint '{path}' does not exist; fix the checkpoint path in the recipe")
         return file_sha256(Path(path))
-
-    def _choose_backend(self, profile: Profile) -> str:
-        reasons = []
-        for name in profile.backends:
-            reason = get_backend(name).unavailable_reason()
-            if reason is None:
-                return name
-            reasons.append(f"{name}: {reason}")
-        raise TargetError(f"target '{profile.name}': no backend can run here ({'; '.join(reasons)})")
 
     @contextlib.contextmanager
     def reporting(self):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 PROFILES_ENV = "EDGESMITH_PROFILES"
@@ -25,16 +25,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Precision = Literal["int8", "fp16", "fp32"]
+
+
 class TensorRTSettings(_Strict):
-    major: int = Field(ge=8, le=11)
-    dla_core: int | None = Field(default=None, ge=0)
+    major: int = Field(ge=8, le=11)                   # 8: JetPack 4/5; 10: JetPack 6; 11: strongly typed only
+    minor: int | None = Field(default=None, ge=0)     # where flags changed within a major (8.2 vs 8.4+)
+    max_opset: int | None = Field(default=None, ge=9)  # None: the newest opset this major's parser imports
+    dla_core: int | None = Field(default=None, ge=0)  # None: GPU only; layers DLA cannot run fall back to the GPU
     workspace_mb: int = Field(default=1024, gt=0)
-    precisions: list[Literal["fp32", "fp16", "int8"]] = ["fp16", "int8"]
+    precisions: list[Precision] = Field(default=["int8", "fp16"], min_length=1)
+    min_batch: int = Field(default=1, ge=1)           # the optimization profile for a dynamic batch axis
+    opt_batch: int = Field(default=1, ge=1)
+    max_batch: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_order(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"needs min_batch ≤ opt_batch ≤ max_batch, got {self.min_batch}, {self.opt_batch}, "
+                             f"{self.max_batch}")
+        return self
 
 
 class TVMSettings(_Strict):
+    # A TVM target as a dict (TVM 0.27 rejects CLI-style strings); mcpu "native" means this machine's CPU.
     target: dict
     cc: str | None = None            # cross compiler for export_library; None = host compiler
+
+    @field_validator("target")
+    @classmethod
+    def _has_kind(cls, target: dict) -> dict:
+        if "kind" not in target:
+            raise ValueError("a TVM target dict needs 'kind', e.g. {kind: llvm, mtriple: aarch64-linux-gnu}")
+        return target
 
 
 class Profile(_Strict):
@@ -54,9 +77,17 @@ class Profile(_Strict):
     rpc_key: str | None = None
     detect_host: bool = False        # fill arch/cpu/isa from the machine this runs on
 
+    @model_validator(mode="after")
+    def _backend_settings(self):
+        for backend in ("tensorrt", "tvm"):
+            if backend in self.backends and getattr(self, backend) is None:
+                raise ValueError(f"backend '{backend}' is listed but the profile has no '{backend}:' settings")
+        return self
+
     @property
     def is_host(self) -> bool:
-        return self.arch == platform.machine()
+        """This profile describes the machine edgesmith runs on: latency measured here is the device's latency."""
+        return self.detect_host
 
 
 def profile_dirs(extra: list[Path] | None = None) -> list[Path]:
@@ -97,8 +128,8 @@ def read_profile_file(path: Path) -> Profile:
         profile = Profile(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise ProfileError(f"{path}: field '{field}': {err['msg']}") from None
+        field = ".".join(str(p) for p in err["loc"]) or "(profile)"
+        raise ProfileError(f"{path}: field '{field}': {err['msg'].removeprefix('Value error, ')}") from None
     if profile.name != path.stem:
         raise ProfileError(f"{path}: name '{profile.name}' differs from the file name; rename one to match")
     return _with_host_facts(profile) if profile.detect_host else profile

@@ -1,15 +1,20 @@
 """Backends are found by file name (tinygrad's idiom): `targets/backends/<name>.py` is backend `<name>`.
 
 Each backend module has the same contract:
-  NAME: str
-  unavailable_reason() -> str | None    why it cannot run here (None: it can)
-  compile(onnx_path, profile, out_dir) -> Path     writes the deployable artifact into out_dir
-  load(artifact, profile) -> Runner     a callable taking {input name: ndarray}, returning a list of ndarrays
+  NAME: str;  ARTIFACT: str                 the deployable file's name inside the compiled folder
+  precisions(profile) -> list[str]          what it can build for that device (int8, fp16, fp32)
+  unavailable_reason(profile) -> str|None   why it cannot compile for that device here (None: it can)
+  runs_here(profile) -> bool                whether the compiled artifact executes on this machine
+  compile(onnx_path, profile, out_dir, options) -> dict   writes the artifact (and what the device needs to finish
+                                            it) into out_dir; returns facts for the manifest
+  load(folder, profile) -> Runner           a callable taking {input name: ndarray}, returning a list of ndarrays
+  loader_files(profile) -> list[str]        files of targets/bundle_files/ that a bundle of this backend carries
 Heavy toolchains (tvm, tensorrt) are imported only inside their own module.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -17,6 +22,19 @@ from typing import Protocol
 import numpy as np
 
 _DIR = Path(__file__).parent
+BUNDLE_FILES = _DIR.parent / "bundle_files"
+
+
+class BackendError(ValueError):
+    """A backend cannot build or run a model; the message names the cause (an op, a tool, a setting) and the fix."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    precision: str = "fp32"          # int8 | fp16 | fp32
+    batch_size: int = 1              # static batch for TVM (MetaSchedule tunes static shapes)
+    tuning_trials: int = 0           # TVM MetaSchedule trials; 0: untuned
+    tuning_dir: Path | None = None   # where tuning databases persist, keyed by (ONNX hash, target)
 
 
 class Runner(Protocol):

@@ -1,4 +1,5 @@
-"""ONNX Runtime on CPU: the reference runtime for parity and the INT8 path on CPU targets."""
+"""ONNX Runtime on CPU: the reference runtime for parity, and the INT8 path on CPU targets (TVM lowers Q/DQ to
+float, DESIGN.md §3)."""
 from __future__ import annotations
 
 import os
@@ -8,22 +9,34 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from targets.backends import CompileOptions
 from targets.profile import Profile
 
 NAME = "onnxruntime"
 ARTIFACT = "model.onnx"
 
 
-def unavailable_reason() -> str | None:
+def precisions(profile: Profile) -> list[str]:
+    return ["int8", "fp32"]   # CPU execution provider: no FP16 kernels worth having on these CPUs
+
+
+def unavailable_reason(profile: Profile) -> str | None:
     return None  # a required dependency of edgesmith
 
 
-def compile(onnx_path: Path, profile: Profile, out_dir: Path) -> Path:
+def runs_here(profile: Profile) -> bool:
+    return True  # the ONNX file runs on this machine's CPU provider whatever the device
+
+
+def loader_files(profile: Profile) -> list[str]:
+    return []   # edgesmith_runtime.py, in every bundle, is its loader
+
+
+def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOptions | None = None) -> dict:
     """ORT consumes the ONNX file itself; graph optimisation happens at session creation on the device."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    artifact = out_dir / ARTIFACT
-    shutil.copyfile(onnx_path, artifact)
-    return artifact
+    shutil.copyfile(onnx_path, out_dir / ARTIFACT)
+    return {"runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "threads": profile.threads}
 
 
 class OrtRunner:
@@ -44,4 +57,7 @@ class OrtRunner:
 
 
 def load(artifact: Path, profile: Profile | None = None) -> OrtRunner:
-    return OrtRunner(artifact, profile.threads if profile else None)
+    """`artifact`: the ONNX file, or the compiled folder holding it. Threads: the profile's, when it is this host."""
+    path = Path(artifact)
+    threads = profile.threads if profile is not None and profile.is_host else None
+    return OrtRunner(path / ARTIFACT if path.is_dir() else path, threads)

@@ -1,0 +1,87 @@
+"""Deployment bundles: `bundles/<profile>/` holds the artifact(s), a manifest (model, profile, backend, precision,
+inputs/outputs with normalisation, sha256 of every file, tool versions, parity figures), parity inputs with their
+reference outputs, and the standalone loader (`edgesmith_runtime.py`; for TVM also a C++ example; for TensorRT the
+on-device builder). `verify` re-checks the hashes and re-runs parity wherever the backend runs on this machine."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import file_sha256
+from pipeline.errors import TargetError
+from targets import Profile
+from targets.backends import BUNDLE_FILES, get_backend
+
+MANIFEST = "manifest.json"
+FORMAT = "edgesmith-bundle/1"
+RUNTIME = "edgesmith_runtime.py"
+_SKIP = ("sidecar.json",)   # cache bookkeeping
+
+
+def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: str, recipe: str,
+          versions: dict) -> None:
+    """Fills `folder` (an empty folder the cache commits atomically) with the chosen candidate's bundle."""
+    backend = get_backend(candidate.backend)
+    for src in candidate.compiled.artifact.iterdir():
+        if src.name not in _SKIP:
+            shutil.copy2(src, folder / src.name)
+    for name in ("parity_inputs.npz", "parity_reference.npz"):
+        shutil.copy2(candidate.checked.artifact / name, folder / name)
+    for name in {RUNTIME, *backend.loader_files(profile)}:
+        shutil.copy2(BUNDLE_FILES / name, folder / name)
+    compile_facts = candidate.compiled.sidecar["compile"]
+    manifest = {
+        "format": FORMAT, "model": model, "recipe": recipe, "profile": profile.model_dump(mode="json"),
+        "backend": candidate.backend, "precision": candidate.precision,
+        "artifact": compile_facts.get("artifact", backend.ARTIFACT), "status": candidate.status,
+        "inputs": io_spec["inputs"], "outputs": io_spec["outputs"], "compile": compile_facts,
+        "parity": {"host": candidate.parity, "tolerance": candidate.checked.sidecar["tolerance"],
+                   "reference": "ONNX Runtime (CPU) on the source ONNX, this build host"},
+        "latency_ms": candidate.checked.sidecar.get("latency_ms"),
+        "latency_measured_on": candidate.checked.sidecar.get("measured_on"),
+        "versions": versions,
+    }
+    if "tensorrt_build" in compile_facts:
+        manifest["tensorrt_build"] = compile_facts["tensorrt_build"]
+    manifest["files"] = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def save_parity_data(folder: Path, inputs: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
+    np.savez(folder / "parity_inputs.npz", **inputs)
+    np.savez(folder / "parity_reference.npz", **{f"output_{i}": r for i, r in enumerate(reference)})
+
+
+def verify(folder: Path) -> dict:
+    """Hashes of every listed file, then parity on this machine where the bundle's backend runs here."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise TargetError(f"{folder}: no {MANIFEST}; give the folder of one bundle, e.g. runs/<name>/bundles/<profile>")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TargetError(f"{manifest_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise TargetError(f"{manifest_path}: format '{manifest.get('format')}' is not {FORMAT}")
+    bad = [name for name, digest in manifest["files"].items()
+           if not (folder / name).is_file() or file_sha256(folder / name) != digest]
+    if bad:
+        raise TargetError(f"{folder}: files missing or changed since the bundle was written: {', '.join(bad)}; "
+                          "rebuild the bundle with `edgesmith run`")
+    profile = Profile(**manifest["profile"])
+    backend = get_backend(manifest["backend"])
+    result = {"bundle": str(folder), "files": len(manifest["files"]), "hashes": "ok", "backend": manifest["backend"],
+              "precision": manifest["precision"], "parity": None}
+    if not backend.runs_here(profile) or manifest.get("status", "").endswith("build on device"):
+        result["parity"] = f"not run here: the {manifest['backend']} artifact for '{profile.name}' runs on the device"
+        return result
+    from targets.bundle_files.edgesmith_runtime import check
+
+    result["parity"] = check(folder, backend.load(folder, profile) if manifest["backend"] != "tensorrt" else None)
+    if not result["parity"]["passed"]:
+        raise TargetError(f"{folder}: parity failed on this host: {json.dumps(result['parity'])}")
+    return result
