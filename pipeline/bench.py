@@ -8,7 +8,6 @@ import torch
 from benchmarks.harness import LatencyStats, measure
 from models import InputSpec
 from pipeline.recipe import BenchConfig
-from targets import Profile
 from targets.backends import get_backend
 
 

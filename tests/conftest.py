@@ -14,6 +14,11 @@ FAST_COMPRESSION = FAST + ["stages=[{kind: train, epochs: 2}, {kind: prune, rati
                            "distill: true}}, {kind: qat, epochs: 1, distill: true}]"]
 
 
+def chosen(rows: list[dict], target: str) -> dict:
+    """The results row of the candidate a target's bundle was made from."""
+    return next(r for r in rows if r["target"] == target and r.get("status", "").startswith("chosen"))
+
+
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"

@@ -11,20 +11,21 @@ from tests.conftest import FAST, FAST_COMPRESSION, edgesmith
 
 def test_every_stage_reports_onnx_size_and_host_latency(tmp_path, cache_dir):
     result = run(load_recipe(None, FAST_COMPRESSION), tmp_path / "run", cache_dir)
-    rows = {(r["stage"], r["target"]): r for r in result.rows}
-    assert list(rows) == [("train", None), ("prune", None), ("export", None), ("qat:ort-x86", None),
-                          ("qat:ort-x86", "x86-host")]
+    rows = {(r["stage"], r["target"], r.get("backend")): r for r in result.rows}
+    assert list(rows) == [("train", None, None), ("prune", None, None), ("export", None, None),
+                          ("qat:ort-x86", None, None), ("qat:ort-x86", "x86-host", "onnxruntime"),
+                          ("export", "x86-host", "onnxruntime"), ("export", "x86-host", "tvm")]
     for row in result.rows:
         assert row["onnx_bytes"] > 0 and row["onnx_zipped_bytes"] > 0 and row["latency_ms"]["p50"] > 0
-    train, pruned, qat = rows[("train", None)], rows[("prune", None)], rows[("qat:ort-x86", None)]
+    train, pruned, qat = rows[("train", None, None)], rows[("prune", None, None)], rows[("qat:ort-x86", None, None)]
     assert pruned["params"] < train["params"] / 2 and pruned["macs"] < train["macs"] / 2
     assert qat["precision"] == "int8" and qat["onnx_bytes"] < pruned["onnx_bytes"] / 1.5
-    assert rows[("qat:ort-x86", "x86-host")]["backend"] == "onnxruntime"
+    assert rows[("qat:ort-x86", "x86-host", "onnxruntime")]["precision"] == "int8"
     out = tmp_path / "run"
     for path in ("stages/01-train/onnx/model.onnx", "stages/02-prune/onnx/model.onnx",
                  "stages/03-qat-ort-x86/model.onnx", "stages/03-qat-ort-x86/io.json"):
         assert (out / path).is_file(), path
-    assert (out / "targets/x86-host/artifact/model.onnx").read_bytes() == \
+    assert (out / "targets/x86-host/onnxruntime-int8/model.onnx").read_bytes() == \
         (out / "stages/03-qat-ort-x86/model.onnx").read_bytes()   # the target gets its scheme's INT8 file
 
 
@@ -40,8 +41,9 @@ def test_quantization_branches_per_scheme_and_shares_the_stages_before(tmp_path,
 def test_ptq_runs_on_the_exported_model(tmp_path, cache_dir):
     stages = "stages=[{kind: train, epochs: 2}, {kind: ptq, calibration: percentile, calibration_samples: 64}]"
     result = run(load_recipe(None, FAST + [stages]), tmp_path / "run", cache_dir)
-    assert [r["stage"] for r in result.rows] == ["train", "export", "ptq:ort-x86", "ptq:ort-x86"]
-    assert result.rows[-1]["accuracy"] > 50
+    assert [r["stage"] for r in result.rows] == ["train", "export", "ptq:ort-x86", "ptq:ort-x86", "export", "export"]
+    ptq_on_host = result.rows[3]   # the x86-host candidates: ORT INT8 (the PTQ file), ORT FP32, TVM FP32
+    assert (ptq_on_host["target"], ptq_on_host["precision"]) == ("x86-host", "int8") and ptq_on_host["accuracy"] > 50
 
 
 def test_magnitude_sparsity_shows_in_the_zipped_size_and_survives_qat(tmp_path, cache_dir):

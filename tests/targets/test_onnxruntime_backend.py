@@ -1,5 +1,4 @@
 import numpy as np
-import torch
 
 import models
 from pipeline.export import export_onnx
@@ -9,8 +8,12 @@ from targets.backends import backend_names, get_backend
 
 
 def test_backends_are_found_by_file_name():
-    assert "onnxruntime" in backend_names()
-    assert get_backend("onnxruntime").NAME == "onnxruntime"
+    assert backend_names() == ["onnxruntime", "tensorrt", "tvm"]
+    for name in backend_names():   # one contract for every backend
+        backend = get_backend(name)
+        assert backend.NAME == name and backend.ARTIFACT
+        for function in ("precisions", "unavailable_reason", "runs_here", "compile", "load", "loader_files"):
+            assert callable(getattr(backend, function)), (name, function)
 
 
 def test_compile_and_load_run_the_model(tmp_path):
@@ -19,8 +22,9 @@ def test_compile_and_load_run_the_model(tmp_path):
     export_onnx(model, specs, ExportConfig(), tmp_path / "m.onnx")
     backend = get_backend("onnxruntime")
     profile = load_profile("x86-host")
-    artifact = backend.compile(tmp_path / "m.onnx", profile, tmp_path / "out")
-    runner = backend.load(artifact, profile)
+    facts = backend.compile(tmp_path / "m.onnx", profile, tmp_path / "out")
+    assert facts["runtime"].startswith("onnxruntime")
+    runner = backend.load(tmp_path / "out", profile)
     x = specs[0].example(4)
     np.testing.assert_allclose(runner({"input": x.numpy()})[0], model(x).detach().numpy(), atol=1e-4)
     assert runner.threads >= 1
