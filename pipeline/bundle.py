@@ -36,7 +36,7 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
     manifest = {
         "format": FORMAT, "model": model, "recipe": recipe, "profile": profile.model_dump(mode="json"),
         "backend": candidate.backend, "precision": candidate.precision,
-        "artifact": compile_facts.get("artifact", backend.ARTIFACT), "status": candidate.status,
+        "artifact": backend.ARTIFACT, "status": candidate.status,
         "inputs": io_spec["inputs"], "outputs": io_spec["outputs"], "compile": compile_facts,
         "parity": {"host": candidate.parity, "tolerance": candidate.checked.sidecar["tolerance"],
                    "reference": "ONNX Runtime (CPU) on the source ONNX, this build host"},
@@ -81,7 +81,7 @@ def verify(folder: Path) -> dict:
         return result
     from targets.bundle_files.edgesmith_runtime import check
 
-    result["parity"] = check(folder, backend.load(folder, profile) if manifest["backend"] != "tensorrt" else None)
+    result["parity"] = check(folder)   # through the bundle's own loader, as on the device
     if not result["parity"]["passed"]:
         raise TargetError(f"{folder}: parity failed on this host: {json.dumps(result['parity'])}")
     return result

@@ -3,7 +3,7 @@ that compile and pass parity are kept, and the fastest measured one is bundled. 
 device is this machine; otherwise the profile's preference decides and the choice is marked "not measured"."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.recipe import CompileConfig
 from targets import Profile
@@ -21,7 +21,6 @@ class Candidate:
     reason: str | None = None
     compiled: object | None = None   # compile Step
     checked: object | None = None    # check Step: parity and latency sidecar
-    facts: dict = field(default_factory=dict)
 
     @property
     def parity(self) -> dict | None:

@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 import models
 from pipeline.errors import RecipeError
 from targets import ProfileError, list_profiles
+from targets.profile import Precision
 
 DEFAULT_RECIPE = "default.yaml"
 
@@ -249,10 +250,10 @@ class TVMCompileConfig(Strict):
 class CompileConfig(Strict):
     """Per-device choice: each target tries its backends × these precisions (the order is the preference used when
     nothing can be measured), keeps what passes parity, and bundles the fastest measured one."""
-    precisions: list[Literal["int8", "fp16", "fp32"]] = Field(default=["int8", "fp16", "fp32"], min_length=1)
+    precisions: list[Precision] = Field(default=["int8", "fp16", "fp32"], min_length=1)
     parity_samples: int = Field(default=32, ge=1)   # validation inputs for device parity (shipped in the bundle)
     # Compiled artifact vs ONNX Runtime on the same ONNX, relative to the largest |output|, per precision.
-    max_rel_diff: dict[Literal["int8", "fp16", "fp32"], float] = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.1}
+    max_rel_diff: dict[Precision, float] = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.1}
     min_top1_agreement: float = Field(default=0.97, ge=0, le=1)
     tvm: TVMCompileConfig = TVMCompileConfig()
 

@@ -234,7 +234,7 @@ class _RunContext:
 
         def build_compiled(tmp: Path, sidecar: dict) -> None:
             facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
-            atomic_write_json(tmp / "compile.json", {**facts, "batch_size": facts.get("batch_size", 1)})
+            atomic_write_json(tmp / "compile.json", facts)   # what load() needs beside the artifact
             sidecar["compile"], sidecar["profile"] = facts, profile.name
 
         folder = self.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}"

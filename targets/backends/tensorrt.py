@@ -50,7 +50,7 @@ def _sm(capability: tuple[int, int]) -> int:
 
 
 def loader_files(profile: Profile) -> list[str]:
-    return [BUILDER]
+    return []   # compile already puts the builder script into the compiled folder the bundle is made from
 
 
 @cache

@@ -148,7 +148,10 @@ def _tune(mod, target, onnx_path: Path, profile: Profile, options: CompileOption
         scratch = Path(tempfile.mkdtemp(prefix=".tuning-", dir=root))
         relax.pipeline.static_shape_tuning_pipeline(options.tuning_trials, target, str(scratch),
                                                     max_trials_per_task=per_task)(mod)
-        os.replace(scratch, database) if not database.exists() else shutil.rmtree(scratch)
+        if database.exists():   # a concurrent run finished the same tuning first: keep its database
+            shutil.rmtree(scratch)
+        else:
+            os.replace(scratch, database)
     mod = relax.pipeline.static_shape_tuning_pipeline(0, target, str(database))(mod)  # applies the database
     return mod, {"trials": options.tuning_trials, "max_trials_per_task": per_task, "database": str(database),
                  "reused": reused, "seconds": round(time.time() - start, 1)}
