@@ -1,13 +1,15 @@
-"""Latency measurement: warm-up, N timed runs, percentiles, throughput and peak memory."""
+"""Latency measurement: warm-up, N timed runs, percentiles, throughput and peak memory.
+
+The timing loop is the one the bundles' standalone runtime runs on devices, so host and device figures are taken
+the same way."""
 from __future__ import annotations
 
-import resource
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
+
+from targets.bundle_files.edgesmith_runtime import peak_rss_mb, time_calls
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,6 @@ class LatencyStats:
         return asdict(self)
 
 
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 MIN_WARMUP_S = 0.5   # thread pools of work just finished (torch's OpenMP threads spin) must go quiet first
 
 
@@ -42,18 +39,14 @@ def measure(run_once: Callable[[], object], *, warmup: int, runs: int, batch_siz
     """Times `run_once` `runs` times after `warmup` untimed calls, warming up for at least `min_warmup_s`."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}")
-    started = time.perf_counter()
-    done = 0
-    while done < warmup or (warmup and time.perf_counter() - started < min_warmup_s):
-        run_once()
-        done += 1
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        run_once()
-        times[i] = time.perf_counter() - start
-    ms = times * 1e3
+    samples = time_calls(run_once, warmup, runs, min_warmup_s)
+    return summarize(samples, warmup=warmup, batch_size=batch_size, threads=threads, peak_rss=peak_rss_mb())
+
+
+def summarize(ms, *, warmup: int, batch_size: int, threads: int, peak_rss: float) -> LatencyStats:
+    """Statistics of per-call milliseconds, timed here or on a device (edgesmith_runtime's samples)."""
+    ms = np.asarray(ms, dtype=float)
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return LatencyStats(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(ms.mean()), std=float(ms.std()),
-                        min=float(ms.min()), runs=runs, warmup=warmup, batch_size=batch_size,
-                        throughput=float(batch_size / (p50 / 1e3)), threads=threads, peak_rss_mb=peak_rss_mb())
+                        min=float(ms.min()), runs=len(ms), warmup=warmup, batch_size=batch_size,
+                        throughput=float(batch_size / (p50 / 1e3)), threads=threads, peak_rss_mb=peak_rss)

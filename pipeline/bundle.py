@@ -38,10 +38,12 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
         "backend": candidate.backend, "precision": candidate.precision,
         "artifact": backend.ARTIFACT, "status": candidate.status,
         "inputs": io_spec["inputs"], "outputs": io_spec["outputs"], "compile": compile_facts,
-        "parity": {"host": candidate.parity, "tolerance": candidate.checked.sidecar["tolerance"],
-                   "reference": "ONNX Runtime (CPU) on the source ONNX, this build host"},
-        "latency_ms": candidate.checked.sidecar.get("latency_ms"),
-        "latency_measured_on": candidate.checked.sidecar.get("measured_on"),
+        "parity": {"host": candidate.host_parity, "device": candidate.device_parity,
+                   "tolerance": candidate.checked.sidecar["tolerance"],
+                   "reference": "ONNX Runtime (CPU) on the source ONNX, on the build host"},
+        "latency_ms": candidate.latency,
+        "latency_measured_on": candidate.measured_on,
+        "device": candidate.device["device"] if candidate.device else None,
         "versions": versions,
     }
     if "tensorrt_build" in compile_facts:

@@ -256,6 +256,9 @@ class CompileConfig(Strict):
     max_rel_diff: dict[Precision, float] = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.1}
     min_top1_agreement: float = Field(default=0.97, ge=0, le=1)
     tvm: TVMCompileConfig = TVMCompileConfig()
+    # HOST:PORT of a TVM RPC tracker. Targets whose profile's rpc_key has a device registered there are measured on
+    # that device (its `edgesmith_runtime.py --rpc-server`): parity and latency of every candidate, every run.
+    rpc_tracker: str | None = Field(default=None, pattern=r"^[^:\s]+:\d{1,5}$")
 
 
 class BudgetConfig(Strict):

@@ -22,6 +22,8 @@ def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | 
         out["backend"] = backend
     if status:
         out["status"] = status
+    if backend:
+        out["measured_on"] = metrics.get("measured_on")
     if metrics.get("parity"):
         out["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
     return out
@@ -65,7 +67,8 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
 
 _STAGE_COLUMNS = ("stage", "dtype", "acc %", "params", "MACs", "zeros", "ONNX", "zipped", "host p50 ms", "p90 ms",
                   "p99 ms")
-_TARGET_COLUMNS = ("target", "backend", "dtype", "from", "acc %", "p50 ms", "p90 ms", "p99 ms", "parity Δ", "status")
+_TARGET_COLUMNS = ("target", "backend", "dtype", "from", "acc %", "p50 ms", "p90 ms", "p99 ms", "parity Δ",
+                   "measured on", "status")
 
 
 def _ms(row: dict, key: str) -> str:
@@ -84,11 +87,13 @@ def _stage_cells(row: dict) -> list[str]:
 
 
 def _target_cells(row: dict) -> list[str]:
-    """Latency is the device's only where the device is this machine; elsewhere it stays empty (not measured)."""
+    """Latency is the device's only where it was measured on the device (or the device is this machine)."""
     parity = row.get("parity")
+    built = not (row.get("status") or "").startswith(("failed", "skipped"))
     return [row["target"], row.get("backend") or "—", row["precision"], row["stage"], _accuracy(row),
             _ms(row, "p50"), _ms(row, "p90"), _ms(row, "p99"),
-            f"{parity['max_abs_diff']:.1e}" if parity else "on device", row.get("status") or ""]
+            f"{parity['max_abs_diff']:.1e}" if parity else ("on device" if built else "—"),
+            row.get("measured_on") or "—", row.get("status") or ""]
 
 
 def _tables(result_rows: list[dict]):

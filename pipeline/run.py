@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,7 @@ from pipeline.stages import StageContext, ptq, qat, stage_functions
 from pipeline.versions import tool_versions
 from targets import Profile, ProfileError, load_profile
 from targets.backends import BackendError, CompileOptions, get_backend
-from targets.bundle_files.edgesmith_runtime import compare
-from targets.profile import cpu_model
+from targets.bundle_files.edgesmith_runtime import compare, device_facts
 
 ONNX_FILE = "model.onnx"
 
@@ -205,12 +203,15 @@ class _RunContext:
         for candidate in found:
             if candidate.status == "pending":
                 self._compile_and_check(profile, candidate)
+        if self.recipe.compile.rpc_tracker and profile.rpc_key and not profile.is_host:
+            deploy.measure_on_device(profile, found, self.recipe.compile.rpc_tracker, self.recipe.bench,
+                                     lambda folder, c: self._write_bundle(folder, profile, c))
         chosen = deploy.choose(found)
         for c in found:
             source = c.source.sidecar["metrics"] if c.source else {}
             self._row(_onnx_label(c.source) if c.source else "-", {
-                **source, "precision": c.precision, "parity": c.parity,
-                "latency_ms": c.checked.sidecar.get("latency_ms") if c.checked else None},
+                **source, "precision": c.precision, "parity": c.parity, "latency_ms": c.latency,
+                "measured_on": c.measured_on},
                 target=profile.name, backend=c.backend, status=c.status if not c.reason else f"{c.status}: {c.reason}")
         if chosen is None:
             return deploy.failure_summary(profile, found)
@@ -272,15 +273,17 @@ class _RunContext:
 
         return self._cached("check", key, build, None, {"input": candidate.compiled.key})
 
+    def _write_bundle(self, folder: Path, profile: Profile, candidate: deploy.Candidate) -> None:
+        io_spec = json.loads((candidate.source.artifact / "io.json").read_text())
+        bundle.write(folder, profile=profile, candidate=candidate, io_spec=io_spec, recipe=self.recipe.name,
+                     model=self.recipe.model.name or self.recipe.model.factory or "model", versions=tool_versions())
+
     def _bundle_step(self, profile: Profile, chosen: deploy.Candidate) -> Step:
-        key = content_key("bundle", chosen.compiled.key, chosen.checked.key, chosen.status, self.recipe.model.name,
-                          self.recipe.name)
+        key = content_key("bundle", chosen.compiled.key, chosen.checked.key, chosen.status, chosen.device,
+                          self.recipe.model.name, self.recipe.name)
 
         def build(tmp: Path, sidecar: dict) -> None:
-            io_spec = json.loads((chosen.source.artifact / "io.json").read_text())
-            bundle.write(tmp, profile=profile, candidate=chosen, io_spec=io_spec, recipe=self.recipe.name,
-                         model=self.recipe.model.name or self.recipe.model.factory or "model",
-                         versions=tool_versions())
+            self._write_bundle(tmp, profile, chosen)
 
         step = self._cached("bundle", key, build, self.out_dir / "bundles" / profile.name,
                             {"input": chosen.compiled.key})
@@ -374,7 +377,7 @@ def _onnx_label(step: Step) -> str:
 
 
 def _host_fingerprint() -> str:
-    return f"{platform.node()}|{platform.machine()}|{cpu_model()}"
+    return deploy.describe(device_facts())
 
 
 def _path_fingerprint(path: Path) -> list:

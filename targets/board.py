@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from targets.backends import BackendError
+from targets.backends import BUNDLE_FILES, BackendError
+from targets.bundle_files.edgesmith_runtime import EMULATED
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ PYTHON = "usr/bin/python3.11"
 # apache-tvm-ffi 0.1.14.post1: the release TVM 0.27 works with (DESIGN.md §3).
 WHEELS = ("numpy", "onnxruntime==1.23.2", "apache-tvm-ffi==0.1.14.post1", "tornado", "psutil", "cloudpickle")
 READY = "board.json"
+LAYOUT = 2   # bumped when the board's layout changes (2: the wrapper marks processes as emulated); older ones rebuild
 
 
 class BoardError(BackendError):
@@ -48,7 +50,8 @@ def spec(arch: str) -> BoardSpec:
 
 
 def is_ready(root: Path) -> bool:
-    return (Path(root) / READY).is_file()
+    ready = Path(root) / READY
+    return ready.is_file() and json.loads(ready.read_text()).get("layout") == LAYOUT
 
 
 def prepare(root: Path, arch: str = "aarch64", log=print) -> Path:
@@ -70,7 +73,7 @@ def prepare(root: Path, arch: str = "aarch64", log=print) -> Path:
         log(f"downloading {board.arch} wheels: apache-tvm {_tvm_version()}, {', '.join(WHEELS)}")
         _install_wheels(scratch / "site", board)
         _write_wrapper(scratch, root, board)
-        (scratch / READY).write_text(json.dumps({"arch": arch, "packages": DEBIAN_PACKAGES,
+        (scratch / READY).write_text(json.dumps({"layout": LAYOUT, "arch": arch, "packages": DEBIAN_PACKAGES,
                                                  "wheels": [f"apache-tvm=={_tvm_version()}", *WHEELS]}, indent=2))
         if root.exists():
             shutil.rmtree(root)
@@ -114,8 +117,10 @@ def _write_wrapper(scratch: Path, root: Path, board: BoardSpec) -> None:
     bin_dir = scratch / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "python3"
+    # EDGESMITH_EMULATED: edgesmith_runtime reports it, so timings taken under qemu are never taken for latency.
     wrapper.write_text(f'#!/bin/sh\nROOT="$(cd "$(dirname "$0")/.." && pwd)"\n'
                        f'PYTHONPATH="$ROOT/site${{PYTHONPATH:+:$PYTHONPATH}}" PYTHONNOUSERSITE=1 '
+                       f'{EMULATED}={board.qemu} '
                        f'exec {board.qemu} -L "$ROOT/sysroot" "$ROOT/sysroot/{PYTHON}" "$@"\n')
     wrapper.chmod(0o755)
     (bin_dir / "python").symlink_to("python3")
@@ -143,9 +148,12 @@ def run(root: Path, command: list[str], **kwargs) -> subprocess.CompletedProcess
 
 
 def rpc_server_command(root: Path, tracker: str, key: str, port: int = 9090) -> list[str]:
-    """A TVM RPC server on the board that registers with `tracker` (host:port) under `key`. Its worker processes are
-    started through sys.executable, which must be the qemu wrapper for them to run at all."""
-    code = (f"import sys, runpy; sys.executable = {str(python(root))!r}; "
-            f"sys.argv = ['rpc_server', '--tracker={tracker}', '--key={key}', '--host=127.0.0.1', '--port={port}']; "
-            "runpy.run_module('tvm.exec.rpc_server', run_name='__main__')")
+    """The bundles' RPC server (`edgesmith_runtime.py --rpc-server`) on the board, registered with `tracker`
+    (host:port) under `key`. Its worker processes are started through sys.executable, which must be the qemu
+    wrapper for them to run at all."""
+    runtime = BUNDLE_FILES / "edgesmith_runtime.py"
+    argv = [str(runtime), "--rpc-server", f"--tracker={tracker}", f"--key={key}", "--host=127.0.0.1",
+            f"--port={port}"]
+    code = (f"import sys, runpy; sys.executable = {str(python(root))!r}; sys.argv = {argv!r}; "
+            f"runpy.run_path({str(runtime)!r}, run_name='__main__')")
     return [str(python(root)), "-c", code]

@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from targets.bundle_files.edgesmith_runtime import cpu_model
+
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 PROFILES_ENV = "EDGESMITH_PROFILES"
 
@@ -148,13 +150,6 @@ def _cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-
-
-def cpu_model() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.lower().startswith(("model name", "hardware")):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _isa_features() -> list[str]:

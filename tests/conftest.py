@@ -1,6 +1,12 @@
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -31,3 +37,40 @@ def edgesmith(*args: str, cwd: Path | None = None, check: bool = False) -> subpr
     if check and proc.returncode != 0:
         raise AssertionError(f"edgesmith {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rpc_device(key: str, server_command: Callable[[str], list[str]], ready_s: float = 180):
+    """A real TVM RPC tracker on this host and a device server registered with it under `key`; yields the tracker's
+    HOST:PORT. `server_command(tracker)` starts the server (each in its own process group, killed afterwards)."""
+    import tvm.rpc
+
+    port = free_port()
+    tracker_address = f"127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+    processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host=127.0.0.1",
+                                   f"--port={port}", f"--port-end={port + 1}"], **quiet)]
+    try:
+        time.sleep(1)
+        processes.append(subprocess.Popen(server_command(tracker_address), **quiet))
+        deadline = time.time() + ready_s
+        while time.time() < deadline:
+            time.sleep(1)
+            try:
+                if key in tvm.rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]:
+                    break
+            except (OSError, RuntimeError):   # still starting
+                continue
+        else:
+            raise AssertionError(f"no RPC server registered under '{key}' within {ready_s} s")
+        yield tracker_address
+    finally:
+        for proc in reversed(processes):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)

@@ -5,6 +5,11 @@ Standalone: it needs numpy and the runtime of the bundle's backend only (onnxrun
 polygraphy for its buffers), never edgesmith.
 
   python3 edgesmith_runtime.py --check             # parity on this device against parity_reference.npz
+  python3 edgesmith_runtime.py --measure           # parity, then latency samples of this device, as JSON
+  python3 edgesmith_runtime.py --rpc-server --tracker HOST:9190 --key raspberry-pi-4
+                                                   # a TVM RPC server that also measures uploaded bundles
+                                                   # (ONNX Runtime ones too), so `edgesmith run` chooses by
+                                                   # latency measured on this device
 
   from edgesmith_runtime import open_bundle
   model = open_bundle("path/to/bundle")             # reads manifest.json
@@ -15,7 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +129,145 @@ def check(folder: str | Path = ".", model=None) -> dict:
     return compare((model or open_bundle(folder))(inputs), expected, manifest["parity"]["tolerance"])
 
 
+EMULATED = "EDGESMITH_EMULATED"   # set by an emulator's wrapper: its timings are not a device's latency
+
+
+def cpu_model() -> str:
+    """x86 names its CPU in "model name"; ARM boards name the board in "Model" or "Hardware"."""
+    info = Path("/proc/cpuinfo")
+    fields = dict(line.split(":", 1) for line in (info.read_text(errors="replace") if info.is_file() else "")
+                  .splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}   # x86's lowercase "model" is a number: not used
+    return fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor() \
+        or "unknown"
+
+
+def device_facts() -> dict:
+    return {"hostname": platform.node(), "machine": platform.machine(), "system": platform.system(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "emulated": os.environ.get(EMULATED) or None}
+
+
+def time_calls(run_once, warmup: int, runs: int, min_warmup_s: float = 0.5) -> list[float]:
+    """Milliseconds of `runs` calls after at least `warmup` calls and `min_warmup_s` seconds of warm-up."""
+    started = time.perf_counter()
+    done = 0
+    while done < warmup or (warmup and time.perf_counter() - started < min_warmup_s):
+        run_once()
+        done += 1
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run_once()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def measure(folder: str | Path = ".", warmup: int = 10, runs: int = 100, batch_size: int = 1,
+            threads: int | None = None) -> dict:
+    """Parity on this device, then latency samples of one batch of the shipped inputs (skipped if parity fails).
+    A TensorRT bundle's engine is built first, here, if it is not there yet."""
+    engine_build = build_tensorrt_engine(folder)
+    model = open_bundle(folder, threads)
+    result = {"device": device_facts(), "parity": check(folder, model), "samples_ms": None,
+              "threads": getattr(model, "threads", None) or threads or os.cpu_count(), "engine_build": engine_build}
+    if result["parity"]["passed"]:
+        inputs = dict(np.load(Path(folder) / "parity_inputs.npz", allow_pickle=False))
+        feeds = {name: _pad(array[:batch_size], batch_size) for name, array in inputs.items()}
+        result["samples_ms"] = time_calls(lambda: model(feeds), warmup, runs)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:   # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
+
+
+def build_tensorrt_engine(folder: str | Path) -> dict | None:
+    """Runs the bundle's build_tensorrt_engine.py when its engine is missing; its facts, or None if nothing to do."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest["backend"] != "tensorrt" or (folder / manifest["tensorrt_build"]["engine"]).is_file():
+        return None
+    done = subprocess.run([sys.executable, str(folder / "build_tensorrt_engine.py")], capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise RuntimeError(f"TensorRT engine build failed on this device (exit {done.returncode}): "
+                           f"{said[-1] if said else 'no output'}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def register_rpc_functions() -> None:
+    """Runs in the TVM RPC server's process before it serves: `edgesmith.measure(tar, warmup, runs, batch, threads)`
+    unpacks a bundle uploaded into the session's work folder and returns `measure`'s JSON."""
+    import multiprocessing
+
+    import tvm_ffi
+
+    # The server serves each session in a child process; fork carries this registration into it (spawn would not).
+    multiprocessing.set_start_method("fork", force=True)
+
+    @tvm_ffi.register_global_func("edgesmith.measure", override=True)
+    def _measure(tar_name: str, warmup: int, runs: int, batch_size: int, threads: int) -> str:
+        tar_path = Path(tvm_ffi.get_global_func("tvm.rpc.server.workpath")(tar_name))
+        folder = tar_path.with_suffix("")
+        _unpack_flat(tar_path, folder)
+        return json.dumps(measure(folder, warmup, runs, batch_size, threads or None))
+
+
+def _unpack_flat(tar_path: Path, folder: Path) -> None:
+    """A bundle is flat: plain files only, no folders, links or paths (Debian 12's Python lacks tarfile filters)."""
+    folder.mkdir(exist_ok=True)
+    with tarfile.open(tar_path) as archive:
+        for member in archive.getmembers():
+            if not member.isfile() or Path(member.name).name != member.name or member.name.startswith("."):
+                raise ValueError(f"{tar_path.name}: '{member.name}' is not a plain bundle file")
+            (folder / member.name).write_bytes(archive.extractfile(member).read())
+
+
+def serve_rpc(tracker: str, key: str, host: str = "0.0.0.0", port: int = 9090) -> None:
+    """A TVM RPC server registered at `tracker` under `key` (the profile's rpc_key), able to measure bundles."""
+    from tvm import rpc
+
+    # The server runs in a worker process that imports the init callback by module name.
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, here)
+    import importlib
+
+    callback = importlib.import_module("edgesmith_runtime").register_rpc_functions
+    tracker_host, tracker_port = tracker.rsplit(":", 1)
+    server = rpc.Server(host, port, port + 100, key=key, tracker_addr=(tracker_host, int(tracker_port)),
+                        server_init_callback=callback)
+    print(f"edgesmith RPC server on port {server.port}, key '{key}', tracker {tracker}", flush=True)
+    server.proc.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load this bundle's model; --check runs the parity test.")
     parser.add_argument("--check", action="store_true", help="compare with parity_reference.npz")
+    parser.add_argument("--measure", action="store_true", help="parity, then latency samples (JSON)")
+    parser.add_argument("--rpc-server", action="store_true", help="serve measurements to `edgesmith run`")
+    parser.add_argument("--tracker", help="HOST:PORT of the TVM RPC tracker (with --rpc-server)")
+    parser.add_argument("--key", help="RPC key: the profile's rpc_key (with --rpc-server)")
+    parser.add_argument("--host", default="0.0.0.0", help="address the RPC server listens on")
+    parser.add_argument("--port", type=int, default=9090, help="first port the RPC server tries")
     parser.add_argument("--folder", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args(argv)
+    if args.rpc_server:
+        if not args.tracker or not args.key:
+            parser.error("--rpc-server needs --tracker HOST:PORT and --key KEY")
+        serve_rpc(args.tracker, args.key, args.host, args.port)
+        return 0
+    if args.measure:
+        print(json.dumps(measure(args.folder)))
+        return 0
     if not args.check:
         open_bundle(args.folder)
         print("loaded")

@@ -1,17 +1,13 @@
 """The emulated aarch64 board: a model cross-compiled for raspberry-pi-4 runs under qemu-user and matches ONNX Runtime
 on the host. Slow (downloads ~60 MB of Debian packages and wheels once, then emulates)."""
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 from targets import board
-from tests.conftest import edgesmith
+from tests.conftest import chosen, edgesmith, rpc_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-gcc") is None,
@@ -52,28 +48,24 @@ def test_board_python_is_aarch64_and_has_the_runtimes(board_root):
     assert proc.returncode == 0 and proc.stdout.strip() == "aarch64"
 
 
-def test_rpc_server_on_the_board_registers_with_a_host_tracker(board_root):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host=127.0.0.1", f"--port={port}",
-                                "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen([sys.executable, "-m", "pipeline", "board", "emulate", "aarch64", "--root",
-                               str(board_root), "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "emu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        import tvm.rpc
+def test_candidates_measured_through_rpc_on_the_emulated_board_get_parity_but_never_latency(board_root, tmp_path):
+    def server(tracker):
+        return [sys.executable, "-m", "pipeline", "board", "emulate", "aarch64", "--root", str(board_root),
+                "--rpc-tracker", tracker, "--rpc-key", "rpi4"]
 
-        deadline, summary = time.time() + 120, ""
-        while time.time() < deadline and "emu" not in summary:
-            time.sleep(2)
-            try:
-                summary = json.dumps(tvm.rpc.connect_tracker("127.0.0.1", port).summary())
-            except Exception:   # the tracker may still be starting
-                continue
-        assert "emu" in summary
-    finally:
-        os.killpg(server.pid, 15)
-        tracker.terminate()
-        server.wait(30)
-        tracker.wait(30)
+    with rpc_device("rpi4", server) as tracker:   # raspberry-pi-4's rpc_key
+        edgesmith("run", "--set", "data.name=digits", "--set", "stages=[{kind: train, epochs: 2}, {kind: qat, "
+                  "epochs: 1}]", "--set", "targets=[raspberry-pi-4]", "--set", "bench.runs=5", "--set",
+                  f"compile.rpc_tracker={tracker}", "--out", str(tmp_path / "run"), "--cache-dir",
+                  str(tmp_path / "cache"), check=True)
+    rows = [r for r in json.loads((tmp_path / "run/results.json").read_text()) if r["target"] == "raspberry-pi-4"]
+    ran = {(r["backend"], r["precision"]): r for r in rows if r["measured_on"]}
+    # The ORT-ARM QAT model, the FP32 export on ONNX Runtime, and the cross-compiled TVM library.
+    assert set(ran) == {("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("tvm", "fp32")}
+    for r in ran.values():
+        assert r["measured_on"].startswith("emulated") and "aarch64" in r["measured_on"]
+        assert r["latency_ms"] is None and r["parity"]["top1_agreement"] >= 0.97
+    assert "not measured" in chosen(rows, "raspberry-pi-4")["status"]
+    manifest = json.loads((tmp_path / "run/bundles/raspberry-pi-4/manifest.json").read_text())
+    assert manifest["parity"]["device"]["passed"] and manifest["latency_ms"] is None
+    assert manifest["device"]["emulated"] == "qemu-aarch64-static"
