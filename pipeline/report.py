@@ -110,7 +110,7 @@ def tables(result_rows: list[dict]) -> list[Table]:
     for title, columns, rows in _tables(result_rows):
         t = Table(title=title)
         for col in columns:
-            t.add_column(col, justify="left" if col in ("stage", "target", "backend", "from", "status") else "right",
+            t.add_column(col, justify="left" if col in ("stage", "target", "backend", "from", "measured on", "status") else "right",
                          overflow="fold")
         for cells in rows:
             t.add_row(*cells)
