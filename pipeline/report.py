@@ -71,6 +71,9 @@ _TARGET_COLUMNS = ("target", "backend", "dtype", "from", "acc %", "p50 ms", "p90
                    "measured on", "status")
 
 
+_TEXT_COLUMNS = ("stage", "target", "backend", "from", "measured on", "status")
+
+
 def _ms(row: dict, key: str) -> str:
     latency = row["latency_ms"] or {}
     return f"{latency[key]:.3f}" if key in latency else "—"
@@ -110,8 +113,7 @@ def tables(result_rows: list[dict]) -> list[Table]:
     for title, columns, rows in _tables(result_rows):
         t = Table(title=title)
         for col in columns:
-            t.add_column(col, justify="left" if col in ("stage", "target", "backend", "from", "measured on", "status") else "right",
-                         overflow="fold")
+            t.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right", overflow="fold")
         for cells in rows:
             t.add_row(*cells)
         out.append(t)

@@ -201,8 +201,8 @@ def measure_on_device(tracker: str, key: str, bundle_dir: Path, *, warmup: int, 
     try:   # connect_tracker retries for a minute on a refused connection; one quick probe says it at once
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise DeviceUnreachable(f"RPC tracker {tracker} unreachable ({exc.strerror or exc}); start it with "
-                                f"`python -m tvm.exec.rpc_tracker --port {port}` or unset compile.rpc_tracker") from None
+        raise DeviceUnreachable(f"RPC tracker {tracker} unreachable ({exc.strerror or exc}); start it with `python -m "
+                                f"tvm.exec.rpc_tracker --port {port}` or unset compile.rpc_tracker") from None
     tracker_session = rpc.connect_tracker(host, int(port))
     try:
         if key not in tracker_session.summary()["queue_info"]:
