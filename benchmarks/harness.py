@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from targets.bundle_files.edgesmith_runtime import peak_rss_mb, time_calls
+from targets.bundle_files.edgesmith_runtime import MIN_WARMUP_S, peak_rss_mb, time_calls
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,6 @@ class LatencyStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-MIN_WARMUP_S = 0.5   # thread pools of work just finished (torch's OpenMP threads spin) must go quiet first
 
 
 def measure(run_once: Callable[[], object], *, warmup: int, runs: int, batch_size: int, threads: int,

@@ -19,11 +19,9 @@ def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | 
            **{k: metrics.get(k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes", "onnx_zipped_bytes",
                                           "latency_ms")}}
     if backend:
-        out["backend"] = backend
+        out["backend"], out["measured_on"] = backend, metrics.get("measured_on")
     if status:
         out["status"] = status
-    if backend:
-        out["measured_on"] = metrics.get("measured_on")
     if metrics.get("parity"):
         out["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
     return out

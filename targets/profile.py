@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from targets.bundle_files.edgesmith_runtime import cpu_model
+from targets.bundle_files.edgesmith_runtime import cpu_model, cpuinfo
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 PROFILES_ENV = "EDGESMITH_PROFILES"
@@ -145,16 +145,7 @@ _INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", 
                       "neon", "asimd", "asimddp", "i8mm", "bf16", "sve")
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def _isa_features() -> list[str]:
-    for line in _cpuinfo().splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in _INTERESTING_FLAGS if f in flags]
-    return []
+    fields = cpuinfo()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())   # x86 | ARM
+    return [f for f in _INTERESTING_FLAGS if f in flags]

@@ -18,6 +18,7 @@ polygraphy for its buffers), never edgesmith.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -132,12 +133,18 @@ def check(folder: str | Path = ".", model=None) -> dict:
 EMULATED = "EDGESMITH_EMULATED"   # set by an emulator's wrapper: its timings are not a device's latency
 
 
+def cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo as field → value (every core reports the same; empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
 def cpu_model() -> str:
     """x86 names its CPU in "model name"; ARM boards name the board in "Model" or "Hardware"."""
-    info = Path("/proc/cpuinfo")
-    fields = dict(line.split(":", 1) for line in (info.read_text(errors="replace") if info.is_file() else "")
-                  .splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}   # x86's lowercase "model" is a number: not used
+    fields = cpuinfo()   # x86's lowercase "model" is a number: not used
     return fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor() \
         or "unknown"
 
@@ -148,7 +155,10 @@ def device_facts() -> dict:
             "emulated": os.environ.get(EMULATED) or None}
 
 
-def time_calls(run_once, warmup: int, runs: int, min_warmup_s: float = 0.5) -> list[float]:
+MIN_WARMUP_S = 0.5   # thread pools of work just finished (torch's OpenMP threads spin) must go quiet first
+
+
+def time_calls(run_once, warmup: int, runs: int, min_warmup_s: float = MIN_WARMUP_S) -> list[float]:
     """Milliseconds of `runs` calls after at least `warmup` calls and `min_warmup_s` seconds of warm-up."""
     started = time.perf_counter()
     done = 0
@@ -239,8 +249,6 @@ def serve_rpc(tracker: str, key: str, host: str = "0.0.0.0", port: int = 9090) -
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, here)
-    import importlib
-
     callback = importlib.import_module("edgesmith_runtime").register_rpc_functions
     tracker_host, tracker_port = tracker.rsplit(":", 1)
     server = rpc.Server(host, port, port + 100, key=key, tracker_addr=(tracker_host, int(tracker_port)),
