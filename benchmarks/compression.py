@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import measure
+from edgesmith.benchmarks.harness import measure
+from edgesmith.targets.bundle_files.edgesmith_runtime import OnnxRuntimeModel
 
 LATENCY_BATCHES = (1, 32)
 ROUNDS = 5
@@ -34,7 +35,7 @@ class Target:
 
 def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[Path, list[dict]]:
     out = work / name
-    args = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--cache-dir", str(cache)]
+    args = [sys.executable, "-m", "edgesmith", "run", "--out", str(out), "--cache-dir", str(cache)]
     args += [a for s in sets for a in ("--set", s)]
     print(f"· {name}: edgesmith run {' '.join(repr(s) for s in sets)}", flush=True)
     proc = subprocess.run(args, capture_output=True, text=True)
@@ -46,19 +47,15 @@ def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[P
 def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, float]:
     """Median p50 (ms) over interleaved rounds: each round times every model once, in turn. A session lives for
     its own measurement only: ONNX Runtime's idle worker threads spin, and would slow the next model down."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     rng = np.random.default_rng(0)
     p50s: dict[str, list[float]] = {label: [] for label in files}
     for _ in range(ROUNDS):
         for label, path in files.items():
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = OnnxRuntimeModel(path).session   # the pipeline's own session set-up
             inputs = session.get_inputs()[0]
             shape = [batch, *(d if isinstance(d, int) else 1 for d in inputs.shape[1:])]
             feed = {inputs.name: rng.standard_normal(shape).astype(np.float32)}
-            stats = measure(lambda: session.run(None, feed), warmup=5, runs=max(5, runs // ROUNDS),
+            stats = measure(lambda: session.run(None, feed), warmup=5,  # noqa: B023 (called within the loop) runs=max(5, runs // ROUNDS),
                             batch_size=batch, threads=0, min_warmup_s=0.2)
             p50s[label].append(stats.p50)
             session = None  # its thread pool goes now, before the next model's session starts
@@ -187,7 +184,7 @@ def _ort_quantize_static(run_dir: Path, work: Path) -> tuple[Path, float]:
 
     out = work / "ort_quantize_static.onnx"
     quantize_static(str(run_dir / "export/model.onnx"), str(out), Reader())
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(out), str(run_dir / "recipe.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "edgesmith", "evaluate", str(out), str(run_dir / "recipe.yaml")],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"edgesmith evaluate failed:\n{proc.stderr[-2000:]}")

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from targets.bundle_files.edgesmith_runtime import MIN_WARMUP_S, peak_rss_mb, time_calls
+from edgesmith.targets.bundle_files.edgesmith_runtime import MIN_WARMUP_S, peak_rss_mb, time_calls
 
 
 @dataclass(frozen=True)

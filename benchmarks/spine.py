@@ -21,7 +21,7 @@ TARGETS = {"cold_s": 180.0, "warm_s": 10.0, "accuracy": 98.0}   # default recipe
 
 def timed_run(out: Path, cache: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--out", str(out), "--cache-dir", str(cache)],
+    proc = subprocess.run([sys.executable, "-m", "edgesmith", "run", "--out", str(out), "--cache-dir", str(cache)],
                           capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:

@@ -27,7 +27,7 @@ def edgesmith_run(model: str, kwargs: str, trials: int, targets: list[str], out:
     sets = [f"model.name={model}", f"model.kwargs={kwargs}", "data.name=synthetic", "stages=[]",
             "compile.precisions=[fp32]", f"compile.tvm.tuning_trials={trials}", "bench.runs=50", "bench.warmup=5",
             f"targets=[{', '.join(targets)}]", "budget.max_accuracy_drop=null"]
-    command = [sys.executable, "-m", "pipeline", "run", "--out", str(out), "--cache-dir", str(cache),
+    command = [sys.executable, "-m", "edgesmith", "run", "--out", str(out), "--cache-dir", str(cache),
                *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:

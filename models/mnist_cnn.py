@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from models.registry import register
-from models.spec import channel_stats, image_input
+from edgesmith.models.registry import register
+from edgesmith.models.spec import channel_stats, image_input
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 

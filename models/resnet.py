@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.registry import register
-from models.spec import IMAGENET_MEAN, IMAGENET_STD, channel_stats, image_input
+from edgesmith.models.registry import register
+from edgesmith.models.spec import IMAGENET_MEAN, IMAGENET_STD, channel_stats, image_input
 
 
 class BasicBlock(nn.Module):

@@ -6,26 +6,29 @@ the recipe).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated, Literal
 
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic.dataclasses import dataclass
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
-@dataclass(frozen=True)
+# A pydantic dataclass: positional like a dataclass in a model's `input_spec`, validated like any recipe field
+# (`model.inputs` is a list of these), and the same dict in io.json, arch.json and bundle manifests.
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class InputSpec:
     name: str
-    shape: tuple[int, ...]                       # nominal shape, batch axis included (usually 1)
-    dtype: str = "float32"
+    shape: Annotated[tuple[int, ...], Field(min_length=1)]   # nominal shape, batch axis included (usually 1)
+    dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
     dynamic_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
     mean: tuple[float, ...] | None = None        # per-channel normalisation applied by data preparation
     std: tuple[float, ...] | None = None
     value_range: tuple[int, int] | None = None   # [low, high) for integer inputs such as token ids
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"input '{self.name}': dtype '{self.dtype}' is not one of {sorted(_DTYPES)}")
         if any(axis >= len(self.shape) for axis in self.dynamic_axes):
             raise ValueError(f"input '{self.name}': dynamic axis beyond shape {list(self.shape)}")
 
@@ -46,18 +49,15 @@ class InputSpec:
         return torch.randn(shape, generator=generator).to(self.torch_dtype)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "dynamic_axes": {str(k): v for k, v in self.dynamic_axes.items()},
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "value_range": list(self.value_range) if self.value_range else None}
+        """The JSON form (io.json, arch.json, manifests); `from_dict` reads it back."""
+        return _ADAPTER.dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls, data: dict) -> "InputSpec":
-        return cls(name=data["name"], shape=tuple(data["shape"]), dtype=data.get("dtype", "float32"),
-                   dynamic_axes={int(k): v for k, v in (data.get("dynamic_axes") or {0: "batch"}).items()},
-                   mean=tuple(data["mean"]) if data.get("mean") else None,
-                   std=tuple(data["std"]) if data.get("std") else None,
-                   value_range=tuple(data["value_range"]) if data.get("value_range") else None)
+        return _ADAPTER.validate_python(data)
+
+
+_ADAPTER = TypeAdapter(InputSpec)
 
 
 def image_input(channels: int, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[InputSpec]:

@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
-from models.registry import register
-from models.spec import InputSpec
+from edgesmith.models.registry import register
+from edgesmith.models.spec import InputSpec
 
 
 class SelfAttention(nn.Module):

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import LatencyStats, measure
-from models import InputSpec
-from pipeline.recipe import BenchConfig
-from targets.backends import get_backend
+from edgesmith.benchmarks.harness import LatencyStats, measure
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import BenchConfig
+from edgesmith.targets.backends import get_backend
 
 
 def host_latency(onnx_path: Path, specs: tuple[InputSpec, ...], cfg: BenchConfig) -> LatencyStats:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import file_sha256
-from pipeline.errors import TargetError
-from targets import Profile
-from targets.backends import BUNDLE_FILES, get_backend
+from edgesmith.errors import TargetError
+from edgesmith.pipeline.cache import file_sha256
+from edgesmith.targets import Profile
+from edgesmith.targets.backends import BUNDLE_FILES, get_backend
 
 MANIFEST = "manifest.json"
 FORMAT = "edgesmith-bundle/1"
@@ -32,14 +32,14 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
         shutil.copy2(candidate.checked.artifact / name, folder / name)
     for name in {RUNTIME, *backend.loader_files(profile)}:
         shutil.copy2(BUNDLE_FILES / name, folder / name)
-    compile_facts = candidate.compiled.sidecar["compile"]
+    compile_facts = candidate.compiled.facts["compile"]
     manifest = {
         "format": FORMAT, "model": model, "recipe": recipe, "profile": profile.model_dump(mode="json"),
         "backend": candidate.backend, "precision": candidate.precision,
         "artifact": backend.ARTIFACT, "status": candidate.status,
         "inputs": io_spec["inputs"], "outputs": io_spec["outputs"], "compile": compile_facts,
         "parity": {"host": candidate.host_parity, "device": candidate.device_parity,
-                   "tolerance": candidate.checked.sidecar["tolerance"],
+                   "tolerance": candidate.checked.facts["tolerance"],
                    "reference": "ONNX Runtime (CPU) on the source ONNX, on the build host"},
         "latency_ms": candidate.latency,
         "latency_measured_on": candidate.measured_on,
@@ -81,7 +81,7 @@ def verify(folder: Path) -> dict:
     if not backend.runs_here(profile) or manifest.get("status", "").endswith("build on device"):
         result["parity"] = f"not run here: the {manifest['backend']} artifact for '{profile.name}' runs on the device"
         return result
-    from targets.bundle_files.edgesmith_runtime import check
+    from edgesmith.targets.bundle_files.edgesmith_runtime import check
 
     result["parity"] = check(folder)   # through the bundle's own loader, as on the device
     if not result["parity"]["passed"]:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256
+
 SIDECAR = "sidecar.json"
 _TMP_PREFIX = ".tmp-"
 
@@ -22,14 +24,6 @@ _TMP_PREFIX = ".tmp-"
 def content_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

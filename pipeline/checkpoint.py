@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.errors import CheckpointError
+from edgesmith.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _SHOWN = 5

@@ -1,4 +1,5 @@
-"""The `edgesmith` command. It only builds a recipe and calls `pipeline.run.run`; no pipeline logic lives here."""
+"""The `edgesmith` command. It only parses arguments and calls the Python API (`edgesmith.*`); no pipeline logic
+lives here."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import EdgesmithError
+from edgesmith.errors import EdgesmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress, export, compile and benchmark PyTorch models for edge devices.")
@@ -28,23 +29,12 @@ app.add_typer(board_app, name="board")
 stdout = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
 
 
-def _default_cache_dir() -> Path:
-    explicit = os.environ.get("EDGESMITH_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgesmith"
-
-
 @contextmanager
 def _user_errors(debug: bool = False):
-    """Known errors become one line on stderr and exit code 2; --debug shows the traceback instead."""
-    from models import UnknownModelError
-    from targets import ProfileError
-    from targets.backends import BackendError
-
+    """Errors a user can fix become one line on stderr and exit code 2; --debug shows the traceback instead."""
     try:
         yield
-    except (EdgesmithError, ProfileError, UnknownModelError, BackendError) as exc:
+    except EdgesmithError as exc:
         if debug:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -70,17 +60,14 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Run a recipe: model → stages → ONNX export (parity gate) → per-target compile and benchmark."""
     with _user_errors(debug):
-        from pipeline.recipe import load_recipe
+        import edgesmith
+        from edgesmith.pipeline import report
 
-        resolved = load_recipe(recipe, set_ or [])
+        resolved = edgesmith.load_recipe(recipe, set_ or [])
         if dry_run:
             stdout.print(resolved.to_yaml(), highlight=False, end="")
             return
-        from pipeline import report
-        from pipeline.run import run as run_pipeline
-
-        result = run_pipeline(resolved, out or Path("runs") / resolved.name, cache_dir or _default_cache_dir(),
-                              use_cache=not no_cache)
+        result = edgesmith.run(resolved, out or Path("runs") / resolved.name, cache_dir, use_cache=not no_cache)
         for table in report.tables(result.rows):
             stdout.print(table)
         stdout.print(f"run folder: {result.out_dir}  (executed: {', '.join(result.executed) or 'nothing, all cached'})")
@@ -95,16 +82,16 @@ def evaluate(onnx_file: Path = typer.Argument(..., help="An ONNX file taking the
     with _user_errors(debug):
         import json
 
-        from pipeline.evaluate import evaluate_onnx_file
-        from pipeline.recipe import load_recipe
+        import edgesmith
 
-        stdout.print(json.dumps(evaluate_onnx_file(onnx_file, load_recipe(recipe, set_ or []))), highlight=False)
+        stdout.print(json.dumps(edgesmith.evaluate(onnx_file, edgesmith.load_recipe(recipe, set_ or []))),
+                     highlight=False)
 
 
 @app.command("models")
 def models_cmd():
     """List the registered models with their defaults."""
-    import models
+    from edgesmith import models
 
     table = Table(title="registered models")
     for col in ("name", "description", "arguments"):
@@ -121,7 +108,7 @@ def targets_list(ctx: typer.Context):
     if ctx.invoked_subcommand:
         return
     with _user_errors():
-        from targets import list_profiles, load_profile
+        from edgesmith import list_profiles, load_profile
 
         table = Table(title="device profiles")
         for col in ("name", "arch", "backends", "quant scheme", "description"):
@@ -136,7 +123,7 @@ def targets_list(ctx: typer.Context):
 def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesmith targets`).")):
     """Print one device profile, with host facts filled in where it asks for them."""
     with _user_errors():
-        from targets import load_profile
+        from edgesmith import load_profile
 
         stdout.print(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False), highlight=False,
                      end="")
@@ -149,7 +136,7 @@ def bundle_verify(folder: Path = typer.Argument(..., help="A bundle folder, e.g.
     with _user_errors(debug):
         import json
 
-        from pipeline.bundle import verify
+        from edgesmith.pipeline.bundle import verify
 
         stdout.print(json.dumps(verify(folder), indent=2), highlight=False)
 
@@ -167,9 +154,10 @@ def board_emulate(ctx: typer.Context,
     """Prepare a private aarch64 sysroot (Debian arm64 Python + aarch64 TVM and ONNX Runtime wheels) and run a
     command (`-- python3 script.py`) or a TVM RPC server under qemu-user. Correctness only: never latency."""
     with _user_errors(debug):
-        from targets import board
+        from edgesmith import default_cache_dir
+        from edgesmith.targets import board
 
-        folder = board.prepare(root or _default_cache_dir() / "boards" / arch, arch,
+        folder = board.prepare(root or default_cache_dir() / "boards" / arch, arch,
                                log=lambda m: Console(stderr=True).print(f"[cyan]board[/] {m}"))
         if prepare_only:
             stdout.print(f"board ready: {folder}  (python: {board.python(folder)})")

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import InputSpec
-from pipeline.errors import DataError
-from pipeline.recipe import DataConfig
+from edgesmith.errors import DataError
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]   # inputs, labels (None: unlabelled)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Dataset:
         return self.val.y is not None
 
     def batches(self, split: Split, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
         order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
         for start in range(0, len(split), batch_size):
             idx = order[start:start + batch_size]
@@ -125,7 +126,8 @@ def _digits(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    return torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1), torch.from_numpy(digits.target).long()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    return images, torch.from_numpy(digits.target).long()
 
 
 def _image_folder(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:

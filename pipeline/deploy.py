@@ -1,19 +1,29 @@
-"""Per-device choice: every (backend, precision) a target's profile and the recipe allow is a candidate; candidates
-that compile and pass parity are kept, and the fastest measured one is bundled. Latency is measured where the device
-is this machine, or on the device itself through a TVM RPC tracker; otherwise the profile's preference decides and
-the choice is marked "not measured". An emulated device checks parity but its timings are never latency."""
+"""Per-device choice and the per-target steps (compile, check, bundle).
+
+Every (backend, precision) a target's profile and the recipe allow is a candidate; candidates that compile and pass
+parity are kept, and the fastest measured one is bundled. Latency is measured where the device is this machine, or on
+the device itself through a TVM RPC tracker; otherwise the profile's preference decides and the choice is marked
+"not measured". An emulated device checks parity but its timings are never latency."""
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.harness import summarize
-from pipeline.progress import console
-from pipeline.recipe import BenchConfig, CompileConfig
-from targets import Profile
-from targets.backends import BackendError, get_backend
+from edgesmith.benchmarks.harness import summarize
+from edgesmith.pipeline import bundle
+from edgesmith.pipeline.bench import time_runner
+from edgesmith.pipeline.config import BenchConfig, CompileConfig
+from edgesmith.pipeline.context import ONNX_FILE, RunContext
+from edgesmith.pipeline.evaluate import feeds
+from edgesmith.pipeline.progress import info, warn
+from edgesmith.pipeline.steps import Built, Metrics, Step
+from edgesmith.pipeline.versions import tool_versions
+from edgesmith.targets import Profile, device
+from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable, get_backend
+from edgesmith.targets.bundle_files.edgesmith_runtime import compare, device_facts
 
 NOT_MEASURED = "not measured"
 
@@ -26,12 +36,12 @@ class Candidate:
     status: str = "pending"          # chosen | passed | build on device | failed | skipped
     reason: str | None = None
     compiled: object | None = None   # compile Step
-    checked: object | None = None    # check Step: parity and latency sidecar (this host)
+    checked: object | None = None    # check Step: parity and latency facts (this host)
     device: dict | None = None       # measured on the device over RPC: device facts, parity, latency_ms (or None)
 
     @property
     def host_parity(self) -> dict | None:
-        return self.checked.sidecar.get("parity") if self.checked else None
+        return self.checked.facts["parity"] if self.checked else None
 
     @property
     def device_parity(self) -> dict | None:
@@ -46,14 +56,14 @@ class Candidate:
     def latency(self) -> dict | None:
         if self.device:
             return self.device["latency_ms"]   # None when the device is emulated
-        return self.checked.sidecar.get("latency_ms") if self.checked else None
+        return self.checked.metrics.latency_ms if self.checked else None
 
     @property
     def measured_on(self) -> str | None:
         if self.device:
             facts = self.device["device"]
             return f"emulated {describe(facts)}: parity only" if facts.get("emulated") else describe(facts)
-        return self.checked.sidecar.get("measured_on") if self.checked else None
+        return self.checked.metrics.measured_on if self.checked else None
 
     @property
     def latency_p50(self) -> float | None:
@@ -68,16 +78,26 @@ class Candidate:
 
     @property
     def build_on_device(self) -> bool:
-        return self.compiled is not None and self.compiled.sidecar["compile"].get("status") == "build on device"
+        return self.compiled is not None and self.compiled.facts["compile"].get("status") == "build on device"
 
     @property
     def label(self) -> str:
         return f"{self.backend}/{self.precision}"
 
 
-def describe(device_facts: dict) -> str:
+def describe(facts: dict) -> str:
     """A device as the results show it: `hostname (machine, CPU)`; the facts come from edgesmith_runtime."""
-    return f"{device_facts['hostname']} ({device_facts['machine']}, {device_facts['cpu'] or 'CPU unknown'})"
+    return f"{facts['hostname']} ({facts['machine']}, {facts['cpu'] or 'CPU unknown'})"
+
+
+def host_description() -> str:
+    """This machine as the results show it, and the host part of the keys of steps that measure here."""
+    return describe(device_facts())
+
+
+def onnx_label(step) -> str:
+    """The results label of a deployable ONNX step: `export` (FP32), or `<qat|ptq>:<scheme>` (INT8)."""
+    return "export" if step.kind == "export" else f"{step.kind}:{step.metrics.scheme}"
 
 
 def candidates(profile: Profile, cfg: CompileConfig, fp32, int8: dict) -> list[Candidate]:
@@ -125,20 +145,19 @@ def measure_on_device(profile: Profile, found: list[Candidate], tracker: str, be
                       write_bundle: Callable[[Path, Candidate], None]) -> None:
     """Every candidate that can run on the device goes there through the TVM RPC tracker, as a bundle run by the
     bundle's own loader: parity on the device, then latency. Not cached: devices change under the same key."""
-    from targets.backends.tvm import DeviceUnreachable, measure_on_device as measure_remote
-
     for c in (c for c in found if c.usable):   # TensorRT "build on device" ones are built there first
         with tempfile.TemporaryDirectory(prefix="edgesmith-device-") as tmp:
             write_bundle(Path(tmp), c)
             try:
-                result = measure_remote(tracker, profile.rpc_key, Path(tmp), warmup=bench.warmup, runs=bench.runs,
-                                        batch_size=bench.batch_size, threads=profile.threads or 0)
+                result = device.measure_bundle(tracker, profile.rpc_key, Path(tmp), warmup=bench.warmup,
+                                               runs=bench.runs, batch_size=bench.batch_size,
+                                               threads=profile.threads or 0)
             except DeviceUnreachable as exc:
-                console.print(f"[yellow]! {profile.name}: not measured on the device:[/] {exc}")
+                warn(f"! {profile.name}: not measured on the device: {exc}")
                 return
             except BackendError as exc:
                 c.status, c.reason = "failed", str(exc)
-                console.print(f"[yellow]✘ {profile.name} {c.label}[/] {exc}")
+                warn(f"✘ {profile.name} {c.label}: {exc}")
                 continue
         samples = result.pop("samples_ms")
         # An emulator's timings say nothing about the device's speed: parity only.
@@ -148,4 +167,106 @@ def measure_on_device(profile: Profile, found: list[Candidate], tracker: str, be
         c.device = result
         verdict = "parity ok" if result["parity"]["passed"] else "parity FAILED"
         timing = f"p50 {result['latency_ms']['p50']:.3f} ms" if result["latency_ms"] else "no latency (emulated)"
-        console.print(f"[green]✔ {profile.name} {c.label}[/] on {c.measured_on}: {verdict}, {timing}")
+        info(f"[green]✔ {profile.name} {c.label}[/] on {c.measured_on}: {verdict}, {timing}")
+
+
+def target_step(ctx: RunContext, profile: Profile, fp32: Step, int8: dict[str, Step]) -> str | None:
+    """Every backend × precision the profile and recipe allow; the chosen one becomes bundles/<profile>/.
+    Returns why the target has no usable candidate (None when it has one), so other targets still run."""
+    recipe = ctx.recipe
+    found = candidates(profile, recipe.compile, fp32, int8)
+    for candidate in found:
+        if candidate.status == "pending":
+            _compile_and_check(ctx, profile, candidate)
+    if recipe.compile.rpc_tracker and profile.rpc_key and not profile.is_host:
+        measure_on_device(profile, found, recipe.compile.rpc_tracker, recipe.bench,
+                          lambda folder, c: _write_bundle(ctx, folder, profile, c))
+    chosen = choose(found)
+    for c in found:
+        measured = Metrics(precision=c.precision, parity=c.parity, latency_ms=c.latency, measured_on=c.measured_on)
+        ctx.row(onnx_label(c.source) if c.source else "-", (c.source.metrics if c.source else Metrics()).merged(
+            measured), target=profile.name, backend=c.backend,
+            status=c.status if not c.reason else f"{c.status}: {c.reason}")
+    if chosen is None:
+        return failure_summary(profile, found)
+    _bundle_step(ctx, profile, chosen)
+    return None
+
+
+def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) -> None:
+    backend = get_backend(candidate.backend)
+    reason = backend.unavailable_reason(profile)
+    if reason:
+        candidate.status, candidate.reason = "skipped", reason
+        return
+    runs_here = backend.runs_here(profile)
+    options = CompileOptions(precision=candidate.precision, batch_size=ctx.recipe.bench.batch_size,
+                             tuning_trials=ctx.recipe.compile.tvm.tuning_trials
+                             if candidate.backend == "tvm" and runs_here else 0,
+                             tuning_dir=ctx.store.root / "tvm-tuning")
+    source = candidate.source
+
+    def build(tmp: Path) -> Built:
+        facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
+        (tmp / "compile.json").write_text(json.dumps(facts, indent=2, default=str))  # what load() needs
+        return Built(facts={"compile": facts, "profile": profile.name})
+
+    label = f"{profile.name} {candidate.label}"
+    try:
+        candidate.compiled = ctx.steps.run("compile", f"compile {label}", {
+            "input": source.key, "profile": profile.model_dump(mode="json"), "backend": candidate.backend,
+            "options": {**options.__dict__, "tuning_dir": None}},
+            build, ctx.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}")
+    except BackendError as exc:
+        candidate.status, candidate.reason = "failed", str(exc)
+        warn(f"✘ {label}: {exc}")
+        return
+    candidate.checked = _check_step(ctx, profile, candidate, runs_here)
+
+
+def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_here: bool) -> Step:
+    """Parity of the compiled artifact against ONNX Runtime on its source ONNX (where it runs here) and its
+    latency (only where the device is this machine). The parity inputs and references go into the bundle."""
+    cfg = ctx.recipe.compile
+    limits = tolerance(cfg, candidate.precision)
+    measure_here = runs_here and profile.is_host
+    specs = ctx.specs(candidate.source)
+
+    def build(tmp: Path) -> Built:
+        data = ctx.dataset(specs)
+        xs, _ = next(data.batches(data.val, cfg.parity_samples))
+        inputs = feeds(xs, specs)
+        reference = get_backend("onnxruntime").load(candidate.source.artifact / ONNX_FILE)(inputs)
+        bundle.save_parity_data(tmp, inputs, reference)
+        parity, metrics = None, Metrics()
+        if runs_here:
+            runner = get_backend(candidate.backend).load(candidate.compiled.artifact, profile)
+            parity = compare(runner(inputs), reference, limits)
+            if measure_here and parity["passed"]:
+                metrics = Metrics(latency_ms=time_runner(runner, specs, ctx.recipe.bench).to_dict(),
+                                  measured_on=host_description())
+        return Built(metrics, {"parity": parity, "tolerance": limits})
+
+    return ctx.steps.run("check", f"check {profile.name} {candidate.label}", {
+        "compiled": candidate.compiled.key, "data": ctx.data_key(), "samples": cfg.parity_samples,
+        "tolerance": limits, "bench": ctx.recipe.bench.model_dump(mode="json"), "runs_here": runs_here,
+        "host": host_description() if measure_here else None}, build)
+
+
+def _write_bundle(ctx: RunContext, folder: Path, profile: Profile, candidate: Candidate) -> None:
+    model = ctx.recipe.model
+    bundle.write(folder, profile=profile, candidate=candidate, io_spec=ctx.io_spec(candidate.source),
+                 recipe=ctx.recipe.name, model=model.name or model.factory or "model", versions=tool_versions())
+
+
+def _bundle_step(ctx: RunContext, profile: Profile, chosen: Candidate) -> Step:
+    def build(tmp: Path) -> Built:
+        _write_bundle(ctx, tmp, profile, chosen)
+        return Built()
+
+    folder = ctx.out_dir / "bundles" / profile.name
+    step = ctx.steps.run("bundle", f"bundle {profile.name} {chosen.label}", {
+        "compiled": chosen.compiled.key, "checked": chosen.checked.key, "status": chosen.status,
+        "device": chosen.device, "model": ctx.recipe.model.name, "recipe": ctx.recipe.name}, build, folder)
+    (folder / "sidecar.json").unlink(missing_ok=True)  # cache bookkeeping, not a bundle file
+    return step

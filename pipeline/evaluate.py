@@ -7,9 +7,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models import InputSpec
-from pipeline.data import Dataset
-from pipeline.errors import DataError
+from edgesmith.errors import DataError
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.data import Dataset
 
 
 @torch.inference_mode()
@@ -66,9 +66,9 @@ def model_sparsity(model: nn.Module) -> float:
 
 def evaluate_onnx_file(path: Path, recipe) -> dict:
     """An ONNX file from anywhere (another tool's quantizer, say), scored exactly as the pipeline's stages are."""
-    from pipeline.data import load_dataset
-    from pipeline.model_source import build_model, input_specs
-    from targets.backends.onnxruntime import OrtRunner
+    from edgesmith.pipeline.data import load_dataset
+    from edgesmith.pipeline.model_source import build_model, input_specs
+    from edgesmith.targets.backends.onnxruntime import OrtRunner
 
     if not Path(path).is_file():
         raise DataError(f"ONNX file '{path}' does not exist")

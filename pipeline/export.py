@@ -11,13 +11,13 @@ import onnx
 import torch
 import torch.nn as nn
 
-from models import InputSpec
-from pipeline.data import Dataset
-from pipeline.errors import ExportError, ParityError
-from pipeline.evaluate import feeds
-from pipeline.progress import quiet
-from pipeline.recipe import ExportConfig, ParityConfig
-from targets.backends.onnxruntime import OrtRunner
+from edgesmith.errors import ExportError, ParityError
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import ExportConfig, ParityConfig
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import feeds
+from edgesmith.pipeline.progress import quiet
+from edgesmith.targets.backends.onnxruntime import OrtRunner
 
 EXAMPLE_BATCH = 2  # ≥ 2: with batch 1 the exporter may specialise the batch axis (DESIGN.md §3)
 

@@ -18,11 +18,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-import models
-from models import InputSpec, input_spec_of
-from pipeline.checkpoint import apply_state_dict, read_state_dict
-from pipeline.errors import ModelError
-from pipeline.recipe import ModelConfig
+from edgesmith import models
+from edgesmith.errors import ModelError
+from edgesmith.models import InputSpec, input_spec_of
+from edgesmith.pipeline.checkpoint import apply_state_dict, read_state_dict
+from edgesmith.pipeline.config import ModelConfig
 
 WEIGHTS = "model.safetensors"
 ARCH = "arch.json"
@@ -39,9 +39,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def input_specs(model: nn.Module, cfg: ModelConfig) -> tuple[InputSpec, ...]:
     """The recipe's `model.inputs` wins over what the module declares; one of them must exist."""
     if cfg.inputs:
-        return tuple(InputSpec(name=i.name, shape=tuple(i.shape), dtype=i.dtype, dynamic_axes=dict(i.dynamic_axes),
-                               mean=tuple(i.mean) if i.mean else None, std=tuple(i.std) if i.std else None,
-                               value_range=tuple(i.value_range) if i.value_range else None) for i in cfg.inputs)
+        return tuple(cfg.inputs)
     declared = input_spec_of(model)
     if not declared:
         raise ModelError(f"model '{cfg.name or cfg.factory}' declares no input spec; add model.inputs to the recipe, "

@@ -1,4 +1,9 @@
-"""The one console and progress-bar style every long step uses (rich, on stderr so stdout stays parseable)."""
+"""The one console edgesmith talks through (rich, on stderr so stdout stays parseable), silenced the standard way.
+
+Library callers silence it with the logger's level (`logging.getLogger("edgesmith").setLevel(logging.WARNING)`
+keeps warnings, ERROR keeps nothing) or with `edgesmith.run(..., quiet=True)`. Step lines and progress bars are
+INFO, warnings WARNING.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,13 +14,38 @@ import warnings
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+logger = logging.getLogger("edgesmith")
+if logger.level == logging.NOTSET:   # a caller's own setting wins
+    logger.setLevel(logging.INFO)
 console = Console(stderr=True)
+
+
+def info(message: str) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        console.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    if logger.isEnabledFor(logging.WARNING):
+        console.print(f"[yellow]{message}[/]", highlight=False)
+
+
+@contextlib.contextmanager
+def silenced(quiet: bool = True):
+    """Within it, edgesmith prints nothing but errors (when `quiet`)."""
+    previous = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def progress_bar() -> Progress:
     return Progress(TextColumn("  [bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=not logger.isEnabledFor(logging.INFO))
 
 
 @contextlib.contextmanager
@@ -24,8 +54,8 @@ def quiet(*logger_names: str, hide_warnings: bool = False, hide_stderr: bool = F
     Errors still raise. `""` names the root logger."""
     loggers = [logging.getLogger(name) for name in logger_names]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    for one in loggers:
+        one.setLevel(logging.ERROR)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
@@ -36,5 +66,5 @@ def quiet(*logger_names: str, hide_warnings: bool = False, hide_stderr: bool = F
                 warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        for one, level in zip(loggers, levels):
+            one.setLevel(level)

@@ -6,24 +6,25 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipeline.cache import atomic_write_json, atomic_write_text, file_sha256
-from pipeline.errors import BudgetError
-from pipeline.recipe import Recipe
-from pipeline.versions import tool_versions
+from edgesmith.errors import BudgetError
+from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text, file_sha256
+from edgesmith.pipeline.recipe import Recipe
+from edgesmith.pipeline.steps import Metrics
+from edgesmith.pipeline.versions import tool_versions
 
 
-def row(stage: str, metrics: dict, *, target: str | None = None, backend: str | None = None,
+def row(stage: str, metrics: Metrics, *, target: str | None = None, backend: str | None = None,
         status: str | None = None) -> dict:
     """One results row: a stage's model (target null), or one backend × precision candidate of a target."""
-    out = {"stage": stage, "target": target, "precision": metrics.get("precision", "fp32"),
-           **{k: metrics.get(k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes", "onnx_zipped_bytes",
-                                          "latency_ms")}}
+    out = {"stage": stage, "target": target, "precision": metrics.precision or "fp32",
+           **{k: getattr(metrics, k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes",
+                                               "onnx_zipped_bytes", "latency_ms")}}
     if backend:
-        out["backend"], out["measured_on"] = backend, metrics.get("measured_on")
+        out["backend"], out["measured_on"] = backend, metrics.measured_on
     if status:
         out["status"] = status
-    if metrics.get("parity"):
-        out["parity"] = {k: metrics["parity"][k] for k in ("max_abs_diff", "top1_agreement")}
+    if metrics.parity:
+        out["parity"] = {k: metrics.parity[k] for k in ("max_abs_diff", "top1_agreement")}
     return out
 
 
@@ -57,7 +58,7 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 2),
         "steps": [{"kind": s.kind, "key": s.key, "cached": s.cached, "seconds": round(s.seconds, 3),
-                   "build_seconds": s.sidecar.get("seconds")} for s in steps],
+                   "build_seconds": s.build_seconds, "key_parts": sorted(s.key_parts)} for s in steps],
         "hashes": files,
         "metrics": result_rows,
     })

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from targets.backends import BUNDLE_FILES, BackendError
-from targets.bundle_files.edgesmith_runtime import EMULATED
+from edgesmith.targets.backends import BUNDLE_FILES, BackendError
+from edgesmith.targets.bundle_files.edgesmith_runtime import EMULATED
 
 
 @dataclass(frozen=True)

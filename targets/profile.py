@@ -10,16 +10,17 @@ import platform
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from targets.bundle_files.edgesmith_runtime import cpu_model, cpuinfo
+from edgesmith.config_files import read_mapping, read_text, validated
+from edgesmith.errors import EdgesmithError
+from edgesmith.targets.bundle_files.edgesmith_runtime import cpu_model, cpuinfo
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 PROFILES_ENV = "EDGESMITH_PROFILES"
 
 
-class ProfileError(ValueError):
+class ProfileError(EdgesmithError, ValueError):
     """A profile is unknown or invalid; the message names the file, field and valid choices."""
 
 
@@ -108,10 +109,13 @@ def _profile_files(extra: list[Path] | None = None) -> dict[str, Path]:
 
 
 def list_profiles(extra: list[Path] | None = None) -> list[str]:
+    """The names of every profile `load_profile` can load."""
     return sorted(_profile_files(extra))
 
 
 def load_profile(name: str, extra: list[Path] | None = None) -> Profile:
+    """The device profile `name`: a built-in one, or a YAML file in EDGESMITH_PROFILES / `extra` folders (which win).
+    Host profiles (detect_host) get this machine's CPU and ISA filled in."""
     files = _profile_files(extra)
     if name not in files:
         raise ProfileError(f"unknown target '{name}'; valid targets: {', '.join(sorted(files))}")
@@ -119,19 +123,9 @@ def load_profile(name: str, extra: list[Path] | None = None) -> Profile:
 
 
 def read_profile_file(path: Path) -> Profile:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: a profile is a mapping of fields, got {type(data).__name__}")
+    data = read_mapping(read_text(path, "profile", ProfileError), str(path), "a profile", ProfileError)
     data.setdefault("name", path.stem)
-    try:
-        profile = Profile(**data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(profile)"
-        raise ProfileError(f"{path}: field '{field}': {err['msg'].removeprefix('Value error, ')}") from None
+    profile = validated(Profile, data, str(path), ProfileError)
     if profile.name != path.stem:
         raise ProfileError(f"{path}: name '{profile.name}' differs from the file name; rename one to match")
     return _with_host_facts(profile) if profile.detect_host else profile

@@ -31,6 +31,11 @@ class Violation:
         return f"{self.node}: {self.rule}"
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports (0 if none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def validate(model: onnx.ModelProto | Path, scheme: str) -> list[Violation]:
     """Every rule the model breaks for `scheme`; an empty list means it passes."""
     if scheme not in SCHEMES:
@@ -42,7 +47,7 @@ def validate(model: onnx.ModelProto | Path, scheme: str) -> list[Violation]:
     tensors = {**constants, **inits}
     producers = {out: n for n in graph.node for out in n.output}
     violations = []
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(proto)
     if opset < 13:
         violations.append(Violation("model", f"opset {opset} < 13: per-channel Q/DQ needs opset ≥ 13"))
     qdq_nodes = [n for n in graph.node if n.op_type in _QDQ]

@@ -32,7 +32,7 @@ def cache_dir(tmp_path) -> Path:
 
 def edgesmith(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgesmith", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"edgesmith {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -1,17 +1,27 @@
-"""Stages: one frozen config + one function each, keyed by the recipe's `kind`.
+"""Stages: one frozen config + one function each, in one file, registered once with `@stage(tag, Config)`.
 
 Contract: `run(cfg, model, data, ctx) -> StageResult`. A stage receives a freshly loaded model (files, not live
-objects, cross stage boundaries), returns the model it produced and its metrics; the orchestrator saves,
-measures and caches it.
+objects, cross stage boundaries) and returns the model it produced with its metrics; the orchestrator saves,
+measures and caches it. Quantization stages (`quantizes=True`: qat, ptq) come last and run once per INT8 scheme:
+the scheme, the FP32 ONNX and the output folder travel in the context, and they write `ctx.out_dir/model.onnx`
+instead of returning a model. The recipe's stage union is built from this registry, so a new stage is one new file
+here and nothing else.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
 
 import torch.nn as nn
 
-from models import InputSpec
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import ExportConfig
+
+QUANTIZED_ONNX = "model.onnx"   # what a quantization stage writes into ctx.out_dir
 
 
 @dataclass(frozen=True)
@@ -21,16 +31,55 @@ class StageContext:
     channel_multiple: int = 1                        # the recipe's targets' need (Tensor Cores, SIMD widths)
     load_teacher: Callable[[], nn.Module] | None = None   # the model as it entered the first compression stage
     keep_sparsity: bool = False   # a magnitude-pruned model: later training must not regrow its zeroed weights
+    # Quantization stages only: the INT8 scheme of this run, the FP32 export it starts from (PTQ calibrates it),
+    # the folder the Q/DQ ONNX goes to, and the export settings (parity bounds, onnxslim).
+    scheme: str | None = None
+    fp32_onnx: Path | None = None
+    out_dir: Path | None = None
+    export: ExportConfig = ExportConfig()
 
 
 @dataclass
 class StageResult:
-    model: nn.Module
+    model: nn.Module | None          # None for quantization stages: their output is ctx.out_dir/model.onnx
     metrics: dict = field(default_factory=dict)
 
 
-def stage_functions() -> dict[str, Callable]:
-    """Keyed by the recipe's stage tag (`kind`, and `prune-<method>` for the two kinds of pruning)."""
-    from pipeline.stages import distill, magnitude, prune, train
+@dataclass(frozen=True)
+class StageEntry:
+    tag: str                  # the recipe's `kind`; prune stages are `prune-<method>`
+    config: type              # the stage's frozen pydantic config
+    run: Callable[..., StageResult]
+    quantizes: bool = False   # last stage, once per INT8 scheme, writes an ONNX file
 
-    return {"train": train.run, "prune-channel": prune.run, "prune-magnitude": magnitude.run, "distill": distill.run}
+
+_REGISTRY: dict[str, StageEntry] = {}
+
+
+def stage(tag: str, config: type, *, quantizes: bool = False) -> Callable:
+    """Registers the decorated function as the stage `tag` with its config class."""
+    def register(function: Callable[..., StageResult]) -> Callable[..., StageResult]:
+        if tag in _REGISTRY:
+            raise ValueError(f"stage '{tag}' is registered twice")
+        _REGISTRY[tag] = StageEntry(tag, config, function, quantizes)
+        return function
+    return register
+
+
+@cache
+def stage_entries() -> dict[str, StageEntry]:
+    """Every stage, found by file name in this package (tinygrad's idiom) and keyed by tag."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return dict(_REGISTRY)
+
+
+def stage_tag(value: Any) -> str | None:
+    """Stages are told apart by `kind`, and prune stages also by `method` (a dict from YAML, or a config)."""
+    get = value.get if isinstance(value, dict) else lambda k, d=None: getattr(value, k, d)
+    kind = get("kind")
+    return f"prune-{get('method', 'channel')}" if kind == "prune" else kind
+
+
+def entry_for(config: Any) -> StageEntry:
+    return stage_entries()[stage_tag(config)]

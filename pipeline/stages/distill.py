@@ -2,18 +2,21 @@
 (logits plus optional feature matching through learned adapters)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from pipeline.data import Dataset
-from pipeline.errors import ModelError, TrainingError
-from pipeline.evaluate import torch_accuracy
-from pipeline.model_source import build_model
-from pipeline.recipe import DistillConfig, DistillStage, FeaturePair, TrainingConfig
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.layers import module_named
-from pipeline.stages.train import Objective, fit
+from edgesmith.errors import ModelError, TrainingError
+from edgesmith.pipeline.config import DistillConfig, FeaturePair, ModelConfig, TrainingConfig
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import torch_accuracy
+from edgesmith.pipeline.model_source import build_model
+from edgesmith.pipeline.stages import StageContext, StageResult, stage
+from edgesmith.pipeline.stages.layers import module_named
+from edgesmith.pipeline.stages.train import Objective, fit
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, cfg: DistillConfig,
@@ -40,6 +43,23 @@ def distillation_objective(teacher: nn.Module, cfg: DistillConfig, training: Tra
     return objective
 
 
+class DistillStage(TrainingConfig):
+    kind: Literal["distill"]
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    teacher: ModelConfig | None = None   # None: the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+    features: list[FeaturePair] = []
+
+    @model_validator(mode="after")
+    def _trained_teacher(self):
+        if self.teacher and not self.teacher.checkpoint and not self.teacher.kwargs.get("pretrained"):
+            raise ValueError("distill.teacher needs trained weights: give teacher.checkpoint "
+                             "(or kwargs.pretrained: true for a model with a weights file)")
+        return self
+
+
+@stage("distill", DistillStage)
 def run(cfg: DistillStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
     """The distill stage: the model learns from a teacher's soft outputs and, optionally, its features."""
     teacher = (build_model(cfg.teacher) if cfg.teacher else ctx.load_teacher()).eval()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from pipeline.errors import ModelError, RecipeError
+from edgesmith.errors import ModelError, RecipeError
 
 # Layers whose weight is a dense matrix or kernel: what magnitude pruning zeroes and BatchNorm folds into.
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -7,19 +7,53 @@ faster: the gain is compressibility (zipped size), and it is reported as that on
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch.nn as nn
+from pydantic import Field, model_validator
 from torch.nn.utils import prune as torch_prune
 
-from pipeline.data import Dataset
-from pipeline.errors import ModelError
-from pipeline.evaluate import model_sparsity
-from pipeline.recipe import MagnitudePruneStage
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.distill import distillation_objective
-from pipeline.stages.layers import WEIGHT_LAYERS, ignored_modules
-from pipeline.stages.train import fit
+from edgesmith.errors import ModelError
+from edgesmith.pipeline.config import FinetuneConfig, Strict
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import model_sparsity
+from edgesmith.pipeline.stages import StageContext, StageResult, stage
+from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS, ignored_modules
+from edgesmith.pipeline.stages.train import fit
 
+
+class MagnitudePruneStage(Strict):
+    """Unstructured pruning: single weights are zeroed on Zhu & Gupta's cubic schedule while fine-tuning.
+    The model keeps its shape: smaller when compressed, never faster on dense runtimes."""
+    kind: Literal["prune"]
+    method: Literal["magnitude"]
+    final_sparsity: float = Field(gt=0, lt=1)
+    initial_sparsity: float = Field(default=0.0, ge=0, lt=1)
+    start_epoch: int = Field(default=0, ge=0)
+    end_epoch: int | None = Field(default=None, ge=0)   # ramp ends with this epoch; None: the one before the last
+    update_every: int = Field(default=10, ge=1)          # optimizer steps between sparsity updates
+    ignored_layers: list[str] | None = None              # None: the classifier
+    finetune: FinetuneConfig | None = None               # None: one-shot pruning to final_sparsity
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity {self.initial_sparsity} exceeds final_sparsity {self.final_sparsity}")
+        epochs = self.finetune.epochs if self.finetune else 1
+        if not self.start_epoch <= self.ramp_end_epoch < epochs:
+            raise ValueError(f"the schedule needs start_epoch ≤ end_epoch < finetune.epochs ({epochs}); "
+                             f"got start_epoch {self.start_epoch}, end_epoch {self.ramp_end_epoch}")
+        return self
+
+    @property
+    def ramp_end_epoch(self) -> int:
+        """By default the last epoch fine-tunes at the final sparsity (recovery), when there is more than one."""
+        epochs = self.finetune.epochs if self.finetune else 1
+        return self.end_epoch if self.end_epoch is not None else max(self.start_epoch, epochs - 2)
+
+
+@stage("prune-magnitude", MagnitudePruneStage)
 def run(cfg: MagnitudePruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
     example = tuple(spec.example(2) for spec in ctx.specs)
     ignored = {id(m) for m in ignored_modules(model, example, cfg.ignored_layers, "prune.ignored_layers")}

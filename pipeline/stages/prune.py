@@ -5,23 +5,41 @@ attention modules lose whole heads. Works on any architecture Torch-Pruning can 
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from pipeline.data import Dataset
-from pipeline.errors import ModelError
-from pipeline.evaluate import model_size
-from pipeline.recipe import PruneStage
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.distill import distillation_objective
-from pipeline.stages.layers import ignored_modules, module_named
-from pipeline.stages.train import fit
+from edgesmith.errors import ModelError
+from edgesmith.pipeline.config import FinetuneConfig, Strict
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import model_size
+from edgesmith.pipeline.stages import StageContext, StageResult, stage
+from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.layers import ignored_modules, module_named
+from edgesmith.pipeline.stages.train import fit
 
 _HEAD_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 _TAYLOR_BATCHES = 4
 
 
+class PruneStage(Strict):
+    """Structured pruning: whole channels (and attention heads) leave the model, so it gets faster."""
+    kind: Literal["prune"]
+    method: Literal["channel"] = "channel"
+    ratio: float = Field(gt=0, lt=1)                  # fraction of channels (and heads) removed
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
+    global_pruning: bool = False                      # rank channels across layers instead of per layer
+    layer_ratios: dict[str, Annotated[float, Field(gt=0, lt=1)]] = {}   # module name → its own ratio
+    ignored_layers: list[str] | None = None           # None: the classifier (the layer producing the output)
+    round_to: int | None = Field(default=None, ge=1)  # None: the targets' channel_multiple
+    iterative_steps: int = Field(default=1, ge=1)     # fine-tuning runs after each step
+    finetune: FinetuneConfig | None = None
+
+
+@stage("prune-channel", PruneStage)
 def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
     import torch_pruning as tp
 

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from pipeline.data import Dataset
-from pipeline.errors import ExportError
-from pipeline.evaluate import feeds
-from pipeline.progress import quiet
-from pipeline.recipe import PTQStage
-from pipeline.stages import StageContext
-from pipeline.stages.qdq import check_scheme
+from edgesmith.errors import ExportError
+from edgesmith.pipeline.config import QuantScheme, Strict
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import feeds
+from edgesmith.pipeline.progress import quiet
+from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
+from edgesmith.pipeline.stages.qdq import check_scheme
 
 _CALIBRATION_BATCH = 32
 
 
-def run(cfg: PTQStage, scheme: str, fp32_onnx: Path, data: Dataset, ctx: StageContext, out_path: Path) -> dict:
+class PTQStage(Strict):
+    """Post-training quantization (calibration only): ONNX Runtime's calibrators on the exported FP32 ONNX."""
+    kind: Literal["ptq"]
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(default=99.999, gt=90, le=100)
+    calibration_samples: int = Field(default=300, ge=1)
+    schemes: list[QuantScheme] | None = None
+
+
+@stage("ptq", PTQStage, quantizes=True)
+def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
+    """Calibrates `ctx.fp32_onnx` (the torch `model` is not needed: PTQ works on the exported graph)."""
+    scheme, fp32_onnx, out_path = ctx.scheme, ctx.fp32_onnx, ctx.out_dir / QUANTIZED_ONNX
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -39,7 +53,8 @@ def run(cfg: PTQStage, scheme: str, fp32_onnx: Path, data: Dataset, ctx: StageCo
             raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({str(exc).splitlines()[0][:200]})") \
                 from None
     check_scheme(out_path, scheme)
-    return {"scheme": scheme, "calibration": cfg.calibration, "calibration_samples": cfg.calibration_samples}
+    return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration,
+                              "calibration_samples": cfg.calibration_samples})
 
 
 def scheme_settings(scheme: str) -> tuple:

@@ -7,41 +7,56 @@ dynamo), store the weights as int8, and check the file against the scheme's rule
 """
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from pipeline.data import Dataset
-from pipeline.errors import ModelError
-from pipeline.export import check_parity, export_onnx
-from pipeline.progress import quiet
-from pipeline.recipe import ExportConfig, QATStage
-from pipeline.stages import StageContext
-from pipeline.stages.distill import distillation_objective
-from pipeline.stages.layers import WEIGHT_LAYERS
-from pipeline.stages.qdq import check_scheme, store_weights_int8
-from pipeline.stages.train import fit
+from edgesmith.errors import ModelError
+from edgesmith.pipeline.config import DistillConfig, ExportConfig, QuantScheme, TrainingConfig
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.export import check_parity, export_onnx
+from edgesmith.pipeline.progress import quiet
+from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
+from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
+from edgesmith.pipeline.stages.qdq import check_scheme, store_weights_int8
+from edgesmith.pipeline.stages.train import fit
 
 QAT_OPSET = 17   # the TorchScript exporter's best-tested opset; per-channel Q/DQ needs ≥ 13
 
 
-def run(cfg: QATStage, scheme: str, model: nn.Module, data: Dataset, ctx: StageContext, export: ExportConfig,
-        out_path: Path) -> dict:
+class QATStage(TrainingConfig):
+    """NNCF quantization-aware training; one Q/DQ ONNX per quantization scheme the targets need."""
+    kind: Literal["qat"]
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    augment: bool = False
+    schemes: list[QuantScheme] | None = None   # None: the recipe's targets' quant_scheme
+    calibration_samples: int = Field(default=300, ge=1)
+    distill: bool = False                      # teacher: the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+
+
+@stage("qat", QATStage, quantizes=True)
+def run(cfg: QATStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
+    out_path = ctx.out_dir / QUANTIZED_ONNX
     example = tuple(spec.example(2, torch.Generator().manual_seed(0)) for spec in ctx.specs)
     folded = fold_batchnorm(model, example)
-    quantized = _insert_quantizers(model, data, cfg, scheme)
+    quantized = _insert_quantizers(model, data, cfg, ctx.scheme)
     objective = distillation_objective(ctx.load_teacher(), cfg.distillation, cfg) if cfg.distill else None
-    history = fit(quantized, data, cfg, ctx, label=f"qat ({scheme})", objective=objective)
+    history = fit(quantized, data, cfg, ctx, label=f"qat ({ctx.scheme})", objective=objective)
     _export_as_qdq_pairs(quantized)
-    export_onnx(quantized.eval(), ctx.specs, ExportConfig(exporter="torchscript", opset=QAT_OPSET, slim=export.slim),
-                out_path)
+    export_onnx(quantized.eval(), ctx.specs, ExportConfig(exporter="torchscript", opset=QAT_OPSET,
+                                                          slim=ctx.export.slim), out_path)
     int8_weights = store_weights_int8(out_path)
-    check_scheme(out_path, scheme)
-    parity = check_parity(quantized, out_path, data, ctx.specs, export.parity, ctx.eval_batch_size, int8=True)
-    return {"scheme": scheme, "batchnorms_folded": folded, "quantizers": len(_quantizers(quantized)),
-            "int8_weights": int8_weights, "history": history, "parity": parity}
+    check_scheme(out_path, ctx.scheme)
+    parity = check_parity(quantized, out_path, data, ctx.specs, ctx.export.parity, ctx.eval_batch_size, int8=True)
+    return StageResult(None, {"scheme": ctx.scheme, "batchnorms_folded": folded,
+                              "quantizers": len(_quantizers(quantized)), "int8_weights": int8_weights,
+                              "history": history, "parity": parity})
 
 
 def fold_batchnorm(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -103,7 +118,6 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
     (asymmetric uint8 activations, symmetric int8 weights); the int8-everywhere schemes take PERFORMANCE
     (symmetric) and have every activation quantizer made signed before training."""
     import nncf
-
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     samples = [xs for xs, _ in data.batches(data.train, 32)]

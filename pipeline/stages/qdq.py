@@ -8,8 +8,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from pipeline.errors import ExportError
-from targets import qdq_rules
+from edgesmith.errors import ExportError
+from edgesmith.targets import qdq_rules
 
 
 def store_weights_int8(path: Path) -> int:

@@ -2,24 +2,29 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data import Dataset
-from pipeline.errors import DataError, TrainingError
-from pipeline.evaluate import check_labels, torch_accuracy
-from pipeline.progress import progress_bar
-from pipeline.recipe import TrainingConfig, TrainStage
-from pipeline.stages import StageContext, StageResult
-from pipeline.stages.layers import WEIGHT_LAYERS
+from edgesmith.errors import DataError, TrainingError
+from edgesmith.pipeline.config import TrainingConfig
+from edgesmith.pipeline.data import Dataset
+from edgesmith.pipeline.evaluate import check_labels, torch_accuracy
+from edgesmith.pipeline.progress import progress_bar
+from edgesmith.pipeline.stages import StageContext, StageResult, stage
+from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
 
 # (student logits, labels, inputs) -> loss
 Objective = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
+class TrainStage(TrainingConfig):
+    kind: Literal["train"]
+
+
+@stage("train", TrainStage)
 def run(cfg: TrainStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
     history = fit(model, data, cfg, ctx, label="train")
     return StageResult(model.eval(), {"history": history, "final_loss": history[-1]["loss"]})

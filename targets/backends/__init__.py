@@ -21,12 +21,18 @@ from typing import Protocol
 
 import numpy as np
 
+from edgesmith.errors import EdgesmithError
+
 _DIR = Path(__file__).parent
 BUNDLE_FILES = _DIR.parent / "bundle_files"
 
 
-class BackendError(ValueError):
+class BackendError(EdgesmithError, ValueError):
     """A backend cannot build or run a model; the message names the cause (an op, a tool, a setting) and the fix."""
+
+
+class DeviceUnreachable(BackendError):
+    """No device answers for a profile's RPC key: the target is chosen without measurements, it does not fail."""
 
 
 @dataclass(frozen=True)
@@ -50,4 +56,4 @@ def backend_names() -> list[str]:
 def get_backend(name: str) -> ModuleType:
     if name not in backend_names():
         raise KeyError(f"unknown backend '{name}'; valid backends: {', '.join(backend_names())}")
-    return importlib.import_module(f"targets.backends.{name}")
+    return importlib.import_module(f"edgesmith.targets.backends.{name}")

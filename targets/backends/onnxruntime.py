@@ -2,15 +2,14 @@
 float, DESIGN.md §3)."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from targets.backends import CompileOptions
-from targets.profile import Profile
+from edgesmith.targets.backends import CompileOptions
+from edgesmith.targets.bundle_files.edgesmith_runtime import OnnxRuntimeModel
+from edgesmith.targets.profile import Profile
 
 NAME = "onnxruntime"
 ARTIFACT = "model.onnx"
@@ -39,21 +38,7 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
     return {"runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "threads": profile.threads}
 
 
-class OrtRunner:
-    def __init__(self, model: Path | bytes, threads: int | None = None):
-        options = ort.SessionOptions()
-        self.threads = threads or os.cpu_count() or 1
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+OrtRunner = OnnxRuntimeModel   # the runtime the bundles ship: one session set-up everywhere
 
 
 def load(artifact: Path, profile: Profile | None = None) -> OrtRunner:

@@ -16,9 +16,9 @@ from pathlib import Path
 import onnx
 import yaml
 
-from targets.backends import BUNDLE_FILES, BackendError, CompileOptions
-from targets.profile import Profile
-from targets.qdq_rules import validate
+from edgesmith.targets.backends import BUNDLE_FILES, BackendError, CompileOptions
+from edgesmith.targets.profile import Profile
+from edgesmith.targets.qdq_rules import default_opset, validate
 
 NAME = "tensorrt"
 ARTIFACT = "model.engine"
@@ -69,7 +69,7 @@ def coverage(model: onnx.ModelProto, profile: Profile, precision: str) -> list[s
     entry = _op_table()[settings.major]
     problems = []
     max_opset = settings.max_opset or entry["max_opset"]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     if opset > max_opset:
         problems.append(f"opset {opset} > {max_opset}, the newest TensorRT {settings.major} on this device imports "
                         f"(export with exporter torchscript and opset {max_opset})")
@@ -145,7 +145,7 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
                                         f'cd "$(dirname "$0")" && {command}\n')
     facts = {"tensorrt_build": settings, "trtexec": command, "coverage": "ok", "status": "build on device"}
     if runs_here(profile):
-        from targets.bundle_files.build_tensorrt_engine import EngineBuildError, build_engine
+        from edgesmith.targets.bundle_files.build_tensorrt_engine import EngineBuildError, build_engine
 
         try:
             facts["engine"] = build_engine(out_dir / ONNX, out_dir / ARTIFACT, precision=precision,
@@ -167,7 +167,7 @@ def _write_fp16_onnx(model: onnx.ModelProto, path: Path) -> None:
 
 
 def load(folder: Path, profile: Profile | None = None):
-    from targets.bundle_files.edgesmith_runtime import TensorRTModel
+    from edgesmith.targets.bundle_files.edgesmith_runtime import TensorRTModel
 
     engine = Path(folder) / ARTIFACT
     if not engine.is_file():

@@ -8,28 +8,24 @@ Optional MetaSchedule tuning keeps its database per (ONNX hash, target, trial bu
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import platform
 import shutil
-import socket
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import onnx
 
-from targets.backends import BackendError, CompileOptions
-from targets.profile import Profile
+from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable
+from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256
+from edgesmith.targets.profile import Profile
 
 NAME = "tvm"
 ARTIFACT = "model.so"
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "armv7l"}   # ELF e_machine values
 _TRIPLE_ARCH = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64", "armv7": "armv7l"}
-DEVICE_MEASURE = "edgesmith.measure"   # registered by `edgesmith_runtime.py --rpc-server` on the device
-_SESSION_TIMEOUT_S = 600
 _CROSS_INSTALL = {"aarch64-linux-gnu-gcc": "apt-get install gcc-aarch64-linux-gnu",
                   "arm-linux-gnueabihf-gcc": "apt-get install gcc-arm-linux-gnueabihf"}
 
@@ -142,7 +138,7 @@ def _tune(mod, target, onnx_path: Path, profile: Profile, options: CompileOption
                            f"{target_arch(profile)} target from this {platform.machine()} host is not supported — set "
                            "compile.tvm.tuning_trials to 0 for it")
     per_task = max(8, options.tuning_trials // 8)
-    key = hashlib.sha256(json.dumps([_file_sha256(onnx_path), str(target), options.tuning_trials, per_task,
+    key = hashlib.sha256(json.dumps([file_sha256(onnx_path), str(target), options.tuning_trials, per_task,
                                      options.batch_size]).encode()).hexdigest()[:20]
     root = Path(options.tuning_dir or Path(tempfile.gettempdir()) / "edgesmith-tuning")
     database = root / key
@@ -162,10 +158,6 @@ def _tune(mod, target, onnx_path: Path, profile: Profile, options: CompileOption
                  "reused": reused, "seconds": round(time.time() - start, 1)}
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def elf_arch(path: Path) -> str:
     """The machine an ELF shared object is built for, read from its header (like `file`, without needing it)."""
     header = Path(path).read_bytes()[:20]
@@ -177,61 +169,24 @@ def elf_arch(path: Path) -> str:
 
 def load(folder: Path, profile: Profile | None = None):
     """A runner for a compiled folder (its compile.json says the input names and the compiled batch size)."""
-    from targets.bundle_files.edgesmith_runtime import TVMModel
+    from edgesmith.targets.bundle_files.edgesmith_runtime import TVMModel
 
     facts = json.loads((Path(folder) / "compile.json").read_text())
     threads = profile.threads if profile is not None and profile.is_host else None
     return TVMModel(Path(folder) / ARTIFACT, list(facts["input_shapes"]), facts["batch_size"], threads)
 
 
-class DeviceUnreachable(BackendError):
-    """No device answers for a profile's RPC key: the target is chosen without measurements, it does not fail."""
-
-
-def measure_on_device(tracker: str, key: str, bundle_dir: Path, *, warmup: int, runs: int, batch_size: int,
-                      threads: int) -> dict:
-    """Parity and latency samples of a bundle on the device registered at a TVM RPC tracker under `key`.
-
-    TVM's RPC is the transport for every backend: the bundle (flat files) is uploaded as a tar into the session's
-    work folder, and the device's `edgesmith_runtime.py --rpc-server` loads it with the bundle's own loader (ONNX
-    Runtime bundles included) and returns `edgesmith_runtime.measure`'s JSON."""
+def rpc_session(tracker: str, key: str, session_timeout_s: float):
+    """A TVM RPC session with the device registered at `tracker` under `key`: the transport targets/device.py
+    uploads bundles through (TVM's RPC is the one every backend's device measurement uses)."""
     from tvm import rpc
 
     host, port = tracker.rsplit(":", 1)
-    try:   # connect_tracker retries for a minute on a refused connection; one quick probe says it at once
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise DeviceUnreachable(f"RPC tracker {tracker} unreachable ({exc.strerror or exc}); start it with `python -m "
-                                f"tvm.exec.rpc_tracker --port {port}` or unset compile.rpc_tracker") from None
     tracker_session = rpc.connect_tracker(host, int(port))
     try:
         if key not in tracker_session.summary()["queue_info"]:
             raise DeviceUnreachable(f"no device with RPC key '{key}' at tracker {tracker}; on the device run "
                                     f"`python3 edgesmith_runtime.py --rpc-server --tracker {tracker} --key {key}`")
-        remote = tracker_session.request(key, session_timeout=_SESSION_TIMEOUT_S, max_retry=1)
+        return tracker_session.request(key, session_timeout=session_timeout_s, max_retry=1)
     finally:
         tracker_session.close()
-    try:
-        measure = remote.get_function(DEVICE_MEASURE)
-    except AttributeError:
-        raise DeviceUnreachable(f"the device with RPC key '{key}' runs a plain TVM RPC server, which cannot measure "
-                                "bundles; start it with `python3 edgesmith_runtime.py --rpc-server --tracker "
-                                f"{tracker} --key {key}` (the script ships in every bundle)") from None
-    archive = _flat_tar(bundle_dir)
-    name = f"edgesmith-{hashlib.sha256(archive).hexdigest()[:16]}.tar"
-    try:
-        remote.upload(bytearray(archive), target=name)
-        return json.loads(measure(name, warmup, runs, batch_size, threads))
-    except Exception as exc:   # the device's own error, sent back over RPC
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        raise BackendError(f"on the device with RPC key '{key}': {lines[-1] if lines else type(exc).__name__}") \
-            from None
-
-
-def _flat_tar(folder: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for path in sorted(Path(folder).iterdir()):
-            if path.is_file():
-                archive.add(path, arcname=path.name)
-    return buffer.getvalue()

@@ -18,6 +18,7 @@ polygraphy for its buffers), never edgesmith.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -32,13 +33,23 @@ import numpy as np
 
 
 class OnnxRuntimeModel:
-    def __init__(self, path: Path, threads: int | None = None):
+    """The one ONNX Runtime session set-up: the host harness, parity checks, benchmarks and devices all run this, so
+    host and device timings are taken with the same settings (all cores unless told, one inter-op thread, every
+    graph optimisation)."""
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, feeds)
@@ -84,6 +95,15 @@ class TensorRTModel:
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs = self.runner.infer(feeds)
         return [np.asarray(v) for v in outputs.values()]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (bundles' and the cache's hashes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _pad(array: np.ndarray, batch: int) -> np.ndarray:

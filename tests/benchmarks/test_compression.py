@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.compression import BENCHMARKS, Target, side_by_side, table
+from edgesmith.benchmarks.compression import BENCHMARKS, Target, side_by_side, table
 
 
 def matmul_model(path, width: int) -> None:

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from benchmarks.harness import measure
+from edgesmith.benchmarks.harness import measure
 
 
 def test_measure_reports_ordered_percentiles_and_counts():

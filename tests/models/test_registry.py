@@ -4,12 +4,12 @@ import onnx
 import pytest
 import torch
 
-import models
-from models.mobilenet_v2 import imagenet_weights_path
-from pipeline.data import load_dataset
-from pipeline.export import check_parity, export_onnx
-from pipeline.recipe import DataConfig, ExportConfig, ParityConfig
-from targets.backends.onnxruntime import OrtRunner
+from edgesmith import models
+from edgesmith.models.mobilenet_v2 import imagenet_weights_path
+from edgesmith.pipeline.config import DataConfig, ExportConfig, ParityConfig
+from edgesmith.pipeline.data import load_dataset
+from edgesmith.pipeline.export import check_parity, export_onnx
+from edgesmith.targets.backends.onnxruntime import OrtRunner
 
 # Small variants keep the suite fast; the architectures are the registered ones.
 SMALL = {"mnist_cnn": {}, "resnet18": {"num_classes": 10, "image_size": 64},

@@ -2,9 +2,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import models
-from pipeline.checkpoint import apply_state_dict, read_state_dict
-from pipeline.errors import CheckpointError
+from edgesmith import models
+from edgesmith.errors import CheckpointError
+from edgesmith.pipeline.checkpoint import apply_state_dict, read_state_dict
 
 
 def small_cnn():

@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import InputSpec
-from pipeline.data import load_dataset, prepare
-from pipeline.errors import DataError
-from pipeline.recipe import DataConfig
+from edgesmith.errors import DataError
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import DataConfig
+from edgesmith.pipeline.data import load_dataset, prepare
 
 MNIST_SPEC = (InputSpec("input", (1, 1, 28, 28), mean=(0.1307,), std=(0.3081,)),)
 

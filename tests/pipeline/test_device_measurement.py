@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from pipeline.deploy import describe
-from targets.backends import BUNDLE_FILES
-from targets.bundle_files.edgesmith_runtime import device_facts
+from edgesmith.pipeline.deploy import describe
+from edgesmith.targets.backends import BUNDLE_FILES
+from edgesmith.targets.bundle_files.edgesmith_runtime import device_facts
 from tests.conftest import FAST, chosen, edgesmith, free_port, rpc_device
 
 LAB_PROFILE = """description: an x86-64 machine in the lab, reached through the RPC tracker

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
-from models import InputSpec
-from pipeline.data import load_dataset
-from pipeline.errors import ExportError, ParityError
-from pipeline.export import check_parity, export_onnx
-from pipeline.recipe import DataConfig, ExportConfig, ParityConfig
+from edgesmith import models
+from edgesmith.errors import ExportError, ParityError
+from edgesmith.models import InputSpec
+from edgesmith.pipeline.config import DataConfig, ExportConfig, ParityConfig
+from edgesmith.pipeline.data import load_dataset
+from edgesmith.pipeline.export import check_parity, export_onnx
 
 
 class FixedBatch(nn.Module):

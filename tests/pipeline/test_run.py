@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pipeline.errors import BudgetError, ModelError
-from pipeline.recipe import load_recipe
-from pipeline.report import check_budget
-from pipeline.run import run
+from edgesmith.errors import BudgetError, ModelError
+from edgesmith.pipeline.recipe import load_recipe
+from edgesmith.pipeline.report import check_budget
+from edgesmith.pipeline.run import run
 from tests.conftest import FAST, REPO, chosen
 
 ROW_KEYS = {"stage", "target", "accuracy", "params", "macs", "onnx_bytes", "latency_ms"}
@@ -20,7 +20,8 @@ def test_run_writes_every_artifact_and_rerun_executes_nothing(tmp_path, cache_di
     recipe = load_recipe(None, FAST)
     first = run(recipe, tmp_path / "run", cache_dir)
     # x86-host: no INT8 model (no qat/ptq stage), so ONNX Runtime FP32 and TVM FP32 are compiled, checked, timed
-    assert first.executed == ["model", "train", "measure", "export", "compile", "check", "compile", "check", "bundle"]
+    assert first.executed == ["model", "train", "onnx", "latency", "export", "compile", "check", "compile", "check",
+                              "bundle"]
     out = tmp_path / "run"
     for path in ("recipe.yaml", "manifest.json", "results.json", "results.md", "stages/01-train/model.safetensors",
                  "stages/01-train/sidecar.json", "export/model.onnx", "export/io.json", "export/sidecar.json",
@@ -45,9 +46,9 @@ def test_changing_one_stage_recomputes_from_that_stage_on(tmp_path, cache_dir):
     run(load_recipe(None, FAST), tmp_path / "a", cache_dir)
     export_changed = run(load_recipe(None, FAST + ["export.slim=false"]), tmp_path / "b", cache_dir)
     per_target = ["compile", "check", "compile", "check", "bundle"]   # ORT FP32 and TVM FP32 on x86-host
-    assert export_changed.executed == ["measure", "export", *per_target]
+    assert export_changed.executed == ["onnx", "latency", "export", *per_target]
     train_changed = run(load_recipe(None, FAST + ["stages.0.lr=0.001"]), tmp_path / "c", cache_dir)
-    assert train_changed.executed == ["train", "measure", "export", *per_target]
+    assert train_changed.executed == ["train", "onnx", "latency", "export", *per_target]
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -59,7 +60,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_sigkill_mid_stage_resumes_with_the_same_results(tmp_path):
-    args = [sys.executable, "-m", "pipeline", "run", "--set", "data.name=digits", "--set",
+    args = [sys.executable, "-m", "edgesmith", "run", "--set", "data.name=digits", "--set",
             "stages=[{kind: train, epochs: 6}]", "--set", "bench.runs=10"]
     reference = subprocess.run(args + ["--out", str(tmp_path / "ref"), "--cache-dir", str(tmp_path / "c-ref")],
                                capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from pipeline.bundle import verify
-from pipeline.errors import TargetError
-from pipeline.recipe import load_recipe
-from pipeline.run import run
+from edgesmith.errors import TargetError
+from edgesmith.pipeline.bundle import verify
+from edgesmith.pipeline.recipe import load_recipe
+from edgesmith.pipeline.run import run
 from tests.conftest import FAST_COMPRESSION, chosen, edgesmith
 
 TARGETS = "targets=[x86-host, raspberry-pi-4, jetson-orin-nano, jetson-nano, rtx-4090]"
@@ -32,7 +32,8 @@ def test_host_tries_every_candidate_and_keeps_the_fastest_measured(device_run):
     assert set(host) == {("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("tvm", "fp32")}
     assert all(r["latency_ms"]["p50"] > 0 and r["parity"]["max_abs_diff"] < 1e-3 for r in host.values())
     best = chosen(result.rows, "x86-host")
-    assert best["status"] == "chosen" and best["latency_ms"]["p50"] == min(r["latency_ms"]["p50"] for r in host.values())
+    fastest = min(r["latency_ms"]["p50"] for r in host.values())
+    assert best["status"] == "chosen" and best["latency_ms"]["p50"] == fastest
 
 
 @needs_cross_gcc

@@ -2,9 +2,9 @@
 transforms, channel pruning with distillation, QAT for two INT8 schemes)."""
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.run import run
-from targets.qdq_rules import validate
+from edgesmith.pipeline.recipe import load_recipe
+from edgesmith.pipeline.run import run
+from edgesmith.targets.qdq_rules import validate
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_cnn(extra_nodes: list | None = None, opset: int = 17, extra_initializers: list | None = None) -> onnx.ModelProto:
+def tiny_cnn(extra_nodes: list | None = None, opset: int = 17,
+             extra_initializers: list | None = None) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     weights = {"w": rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "b": np.zeros(8, np.float32),
-               "fc_w": rng.normal(0, 0.3, (10, 8)).astype(np.float32), "fc_b": rng.normal(0, 0.1, 10).astype(np.float32)}
+               "fc_w": rng.normal(0, 0.3, (10, 8)).astype(np.float32),
+               "fc_b": rng.normal(0, 0.1, 10).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["input", "w", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
              helper.make_node("GlobalAveragePool", ["relu"], ["pool"], name="pool"),

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from targets import board
+from edgesmith.targets import board
 from tests.conftest import chosen, edgesmith, rpc_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -50,7 +50,7 @@ def test_board_python_is_aarch64_and_has_the_runtimes(board_root):
 
 def test_candidates_measured_through_rpc_on_the_emulated_board_get_parity_but_never_latency(board_root, tmp_path):
     def server(tracker):
-        return [sys.executable, "-m", "pipeline", "board", "emulate", "aarch64", "--root", str(board_root),
+        return [sys.executable, "-m", "edgesmith", "board", "emulate", "aarch64", "--root", str(board_root),
                 "--rpc-tracker", tracker, "--rpc-key", "rpi4"]
 
     with rpc_device("rpi4", server) as tracker:   # raspberry-pi-4's rpc_key

@@ -1,10 +1,10 @@
 import numpy as np
 
-import models
-from pipeline.export import export_onnx
-from pipeline.recipe import ExportConfig
-from targets import load_profile
-from targets.backends import backend_names, get_backend
+from edgesmith import models
+from edgesmith.pipeline.config import ExportConfig
+from edgesmith.pipeline.export import export_onnx
+from edgesmith.targets import load_profile
+from edgesmith.targets.backends import backend_names, get_backend
 
 
 def test_backends_are_found_by_file_name():

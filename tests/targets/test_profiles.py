@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from targets import ProfileError, list_profiles, load_profile
+from edgesmith.targets import ProfileError, list_profiles, load_profile
 
 
 def test_x86_host_fills_in_host_facts():
@@ -54,7 +54,7 @@ def test_every_builtin_profile_loads_with_its_backends_settings():
 
 
 @pytest.mark.parametrize("text, field", [
-    ("arch: aarch64\nbackends: [tensorrt]\nquant_scheme: tensorrt\n", "(profile)"),   # no tensorrt: settings
+    ("arch: aarch64\nbackends: [tensorrt]\nquant_scheme: tensorrt\n", "profile"),   # no tensorrt: settings
     ("arch: aarch64\nbackends: [tvm]\nquant_scheme: ort-arm\ntvm: {target: {mcpu: a72}}\n", "tvm.target"),
     ("arch: aarch64\nbackends: [tensorrt]\nquant_scheme: tensorrt\ntensorrt: {major: 7}\n", "tensorrt.major"),
     ("arch: aarch64\nbackends: [tensorrt]\nquant_scheme: tensorrt\n"

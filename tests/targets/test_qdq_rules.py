@@ -4,7 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from targets.qdq_rules import validate
+from edgesmith.targets.qdq_rules import validate
 
 
 def qdq_conv(act_zp=np.int8(0), w_zp=np.zeros(4, np.int8), w_axis=0, act_scale=np.float32(0.1), opset=13,
@@ -91,11 +91,11 @@ def test_unknown_scheme():
 def test_real_ort_static_quantization_output(tmp_path):
     """ONNX Runtime's own quantize_static: U8S8 is ort-x86-legal; its defaults (asymmetric int8, int32 biases in
     ORT 1.31) are not TensorRT-legal."""
-    import models
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from pipeline.export import export_onnx
-    from pipeline.recipe import ExportConfig
+    from edgesmith import models
+    from edgesmith.pipeline.config import ExportConfig
+    from edgesmith.pipeline.export import export_onnx
 
     model = models.create("mnist_cnn", width=8).eval()
     specs = models.input_spec_of(model)

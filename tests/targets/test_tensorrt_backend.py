@@ -7,8 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from targets import load_profile
-from targets.backends import BackendError, CompileOptions, onnxruntime as ort_backend, tensorrt as trt_backend
+from edgesmith.targets import load_profile
+from edgesmith.targets.backends import BackendError, CompileOptions
+from edgesmith.targets.backends import onnxruntime as ort_backend
+from edgesmith.targets.backends import tensorrt as trt_backend
 from tests.targets.conftest import example_inputs, tiny_cnn
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

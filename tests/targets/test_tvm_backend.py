@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import helper
 
-from targets import load_profile
-from targets.backends import BackendError, CompileOptions, onnxruntime as ort_backend, tvm as tvm_backend
-from tests.conftest import free_port, rpc_device
+from edgesmith.targets import load_profile
+from edgesmith.targets.backends import BackendError, CompileOptions
+from edgesmith.targets.backends import onnxruntime as ort_backend
+from edgesmith.targets.backends import tvm as tvm_backend
 from tests.targets.conftest import example_inputs, tiny_cnn
 
 pytest.importorskip("tvm", reason="apache-tvm is a dependency of edgesmith; this environment lacks it")
@@ -94,12 +95,13 @@ def test_tuning_a_cross_target_is_refused(tiny_onnx, tmp_path):
 
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None, reason="cmake and g++ needed")
 def test_cpp_example_builds_against_the_tvm_runtime_and_matches(tiny_onnx, tmp_path):
-    from targets.backends import BUNDLE_FILES
+    from edgesmith.targets.backends import BUNDLE_FILES
 
     tvm_backend.compile(tiny_onnx, load_profile("x86-host"), tmp_path, CompileOptions())
     for name in tvm_backend.loader_files(load_profile("x86-host")):
         shutil.copy(BUNDLE_FILES / name, tmp_path / name)
-    subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"), f"-DPython3_EXECUTABLE={sys.executable}"],
+    subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"),
+                    f"-DPython3_EXECUTABLE={sys.executable}"],
                    check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(tmp_path / "build")], check=True, capture_output=True)
     x = example_inputs(1)["input"]
@@ -108,22 +110,3 @@ def test_cpp_example_builds_against_the_tvm_runtime_and_matches(tiny_onnx, tmp_p
                           "1", "1", "12", "12"], check=True, capture_output=True, text=True).stdout.split()
     np.testing.assert_allclose(np.array(out, dtype=np.float32), ort_backend.load(tiny_onnx)({"input": x})[0][0],
                                rtol=1e-4, atol=1e-5)
-
-
-def test_measuring_on_a_device_names_what_is_missing(tmp_path):
-    def plain_tvm_server(tracker):
-        port = free_port()
-        return [sys.executable, "-m", "tvm.exec.rpc_server", f"--tracker={tracker}", "--key=plain", "--host=127.0.0.1",
-                f"--port={port}", f"--port-end={port + 50}"]
-
-    (tmp_path / "bundle").mkdir()
-    options = {"warmup": 1, "runs": 1, "batch_size": 1, "threads": 1}
-    closed = f"127.0.0.1:{free_port()}"
-    with pytest.raises(tvm_backend.DeviceUnreachable, match=f"RPC tracker {closed} unreachable.*rpc_tracker"):
-        tvm_backend.measure_on_device(closed, "any", tmp_path / "bundle", **options)
-    with rpc_device("plain", plain_tvm_server) as tracker:
-        with pytest.raises(tvm_backend.DeviceUnreachable, match="no device with RPC key 'other'"):
-            tvm_backend.measure_on_device(tracker, "other", tmp_path / "bundle", **options)
-        # A stock TVM RPC server runs TVM modules only: it cannot load an ONNX Runtime bundle, so it is refused.
-        with pytest.raises(tvm_backend.DeviceUnreachable, match="plain TVM RPC server.*edgesmith_runtime.py --rpc"):
-            tvm_backend.measure_on_device(tracker, "plain", tmp_path / "bundle", **options)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-import models
-from pipeline.data import load_dataset
-from pipeline.recipe import DataConfig, TrainStage
-from pipeline.stages import StageContext
-from pipeline.stages.train import fit
+from edgesmith import models
+from edgesmith.pipeline.config import DataConfig
+from edgesmith.pipeline.data import load_dataset
+from edgesmith.pipeline.stages import StageContext
+from edgesmith.pipeline.stages.train import TrainStage, fit
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from safetensors.torch import save_model
 
-import models
-from pipeline.errors import ModelError, RecipeError, TrainingError
-from pipeline.recipe import DistillConfig, DistillStage, FeaturePair, FinetuneConfig, ModelConfig
-from pipeline.stages import StageContext, distill
-from pipeline.stages.distill import _adapter, distillation_objective, kd_loss
+from edgesmith import models
+from edgesmith.errors import ModelError, RecipeError, TrainingError
+from edgesmith.pipeline.config import DistillConfig, FeaturePair, FinetuneConfig, ModelConfig
+from edgesmith.pipeline.stages import StageContext, distill
+from edgesmith.pipeline.stages.distill import DistillStage, _adapter, distillation_objective, kd_loss
 
 
 def test_kd_loss_limits():
     student, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
-    assert torch.allclose(kd_loss(student, torch.randn(8, 10), y, DistillConfig(alpha=0.0)), F.cross_entropy(student, y))
+    hard_only = kd_loss(student, torch.randn(8, 10), y, DistillConfig(alpha=0.0))
+    assert torch.allclose(hard_only, F.cross_entropy(student, y))
     assert float(kd_loss(student, student.clone(), y, DistillConfig(alpha=1.0))) == pytest.approx(0.0, abs=1e-6)
     far = kd_loss(student, -student, y, DistillConfig(alpha=1.0, temperature=2.0))
     assert float(far) > 0.1

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import FinetuneConfig, MagnitudePruneStage
-from pipeline.stages import magnitude
+from edgesmith.errors import RecipeError
+from edgesmith.pipeline.config import FinetuneConfig
+from edgesmith.pipeline.stages import magnitude
+from edgesmith.pipeline.stages.magnitude import MagnitudePruneStage
 
 
 def stage(**fields) -> MagnitudePruneStage:

@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-import models
-from pipeline.data import load_dataset
-from pipeline.errors import RecipeError
-from pipeline.export import check_parity, export_onnx
-from pipeline.model_source import load_model_artifact, save_model_artifact
-from pipeline.recipe import DataConfig, ExportConfig, ModelConfig, ParityConfig, PruneStage, load_recipe
-from pipeline.run import run
-from pipeline.stages import StageContext
-from pipeline.stages import prune
+from edgesmith import models
+from edgesmith.errors import RecipeError
+from edgesmith.pipeline.config import DataConfig, ExportConfig, ModelConfig, ParityConfig
+from edgesmith.pipeline.data import load_dataset
+from edgesmith.pipeline.export import check_parity, export_onnx
+from edgesmith.pipeline.model_source import load_model_artifact, save_model_artifact
+from edgesmith.pipeline.recipe import load_recipe
+from edgesmith.pipeline.run import run
+from edgesmith.pipeline.stages import StageContext, prune
+from edgesmith.pipeline.stages.prune import PruneStage
 from tests.conftest import FAST
 
 

@@ -1,4 +1,7 @@
 """QAT (NNCF) and PTQ (ONNX Runtime calibrators): every output passes its scheme's Q/DQ rules, for real."""
+import dataclasses
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -6,12 +9,14 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, numpy_helper
 
-from pipeline.evaluate import onnx_accuracy, torch_accuracy
-from pipeline.export import export_onnx
-from pipeline.recipe import ExportConfig, PTQStage, QATStage
-from pipeline.stages import ptq, qat
-from targets.backends.onnxruntime import OrtRunner
-from targets.qdq_rules import SCHEMES, validate
+from edgesmith.pipeline.config import ExportConfig
+from edgesmith.pipeline.evaluate import onnx_accuracy, torch_accuracy
+from edgesmith.pipeline.export import export_onnx
+from edgesmith.pipeline.stages import QUANTIZED_ONNX, ptq, qat
+from edgesmith.pipeline.stages.ptq import PTQStage
+from edgesmith.pipeline.stages.qat import QATStage
+from edgesmith.targets.backends.onnxruntime import OrtRunner
+from edgesmith.targets.qdq_rules import SCHEMES, validate
 
 EXPORT = ExportConfig(exporter="torchscript", opset=17)
 
@@ -59,8 +64,9 @@ def test_batchnorm_whose_input_is_shared_is_left_alone():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_qat_writes_a_valid_int8_file_per_scheme(trained_digits_cnn, tmp_path, scheme):
     fresh, data, ctx, fp32_accuracy = trained_digits_cnn
-    out = tmp_path / "qat.onnx"
-    facts = qat.run(QATStage(kind="qat", epochs=1), scheme, fresh(), data, ctx, EXPORT, out)
+    out = tmp_path / QUANTIZED_ONNX
+    context = dataclasses.replace(ctx, scheme=scheme, out_dir=tmp_path, export=EXPORT)
+    facts = qat.run(QATStage(kind="qat", epochs=1), fresh(), data, context).metrics
     assert validate(out, scheme) == []
     assert facts["batchnorms_folded"] == 5 and facts["int8_weights"] == 6   # 5 convs and the classifier
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if i.dims and
@@ -81,9 +87,9 @@ def test_ptq_calibrators_write_valid_files(trained_digits_cnn, tmp_path, calibra
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(model, ctx.specs, EXPORT, fp32)
     for scheme in SCHEMES:
-        out = tmp_path / f"{scheme}.onnx"
-        facts = ptq.run(PTQStage(kind="ptq", calibration=calibration, calibration_samples=128), scheme, fp32, data,
-                        ctx, out)
+        out = _ptq(PTQStage(kind="ptq", calibration=calibration, calibration_samples=128), scheme, fp32, data, ctx,
+                   tmp_path / scheme)
+        facts = json.loads((out.parent / "facts.json").read_text())
         assert validate(out, scheme) == [] and facts["calibration"] == calibration
         assert onnx_accuracy(OrtRunner(out), data, ctx.specs, 256) > torch_accuracy(model, data, 256) - 5
 
@@ -92,7 +98,18 @@ def test_ptq_for_tensorrt_keeps_biases_in_float(trained_digits_cnn, tmp_path):
     fresh, data, ctx, _ = trained_digits_cnn
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(fresh(), ctx.specs, EXPORT, fp32)
-    ptq.run(PTQStage(kind="ptq", calibration_samples=64), "tensorrt", fp32, data, ctx, tmp_path / "trt.onnx")
-    assert TensorProto.INT32 not in zero_point_types(tmp_path / "trt.onnx")
-    ptq.run(PTQStage(kind="ptq", calibration_samples=64), "ort-x86", fp32, data, ctx, tmp_path / "x86.onnx")
-    assert TensorProto.INT32 in zero_point_types(tmp_path / "x86.onnx")   # ORT's own format quantizes biases
+    out = _ptq(PTQStage(kind="ptq", calibration_samples=64), "tensorrt", fp32, data, ctx, tmp_path / "trt")
+    assert TensorProto.INT32 not in zero_point_types(out)
+    _ptq(PTQStage(kind="ptq", calibration_samples=64), "ort-x86", fp32, data, ctx, tmp_path / "x86")
+    # ORT's own format quantizes biases
+    assert TensorProto.INT32 in zero_point_types(tmp_path / "x86" / QUANTIZED_ONNX)
+
+
+def _ptq(cfg: PTQStage, scheme: str, fp32, data, ctx, folder):
+    """PTQ through the stage contract (the scheme, FP32 ONNX and output folder travel in the context); its facts are
+    saved beside the file it wrote."""
+    folder.mkdir()
+    result = ptq.run(cfg, None, data, dataclasses.replace(ctx, scheme=scheme, fp32_onnx=fp32, out_dir=folder))
+    assert result.model is None
+    (folder / "facts.json").write_text(json.dumps(result.metrics))
+    return folder / QUANTIZED_ONNX

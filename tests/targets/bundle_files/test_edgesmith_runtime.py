@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from targets.bundle_files import edgesmith_runtime as runtime
-from targets.bundle_files.edgesmith_runtime import measure
+from edgesmith.targets.bundle_files import edgesmith_runtime as runtime
+from edgesmith.targets.bundle_files.edgesmith_runtime import measure
 from tests.targets.conftest import example_inputs
 
 

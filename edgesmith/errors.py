@@ -1,6 +1,8 @@
 """One small exception hierarchy. Every message names the bad value, the valid choices and the fix.
 
-The CLI prints `str(error)` on one line and exits non-zero; nothing else in the project catches broadly.
+The CLI prints `str(error)` on one line and exits 2; nothing else in the project catches broadly. This module is a
+leaf that imports nothing of edgesmith, so `models` and `targets` subclass `EdgesmithError` too (ProfileError,
+BackendError, UnknownModelError) without importing the pipeline.
 """
 
 

@@ -1,0 +1,148 @@
+"""The recipe's sections as frozen pydantic models: validated at load, unknown keys refused.
+
+The stages' own configs live beside their functions (pipeline/stages/<stage>.py); `Recipe` (pipeline/recipe.py)
+puts everything together. Shared here: what several stages or steps read (training, distillation, export, data).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgesmith import models
+from edgesmith.config_files import suggest
+from edgesmith.models import InputSpec
+from edgesmith.targets.profile import Precision
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    name: str | None = None
+    factory: str | None = None     # "package.module:function" or "path/to/file.py:function"
+    kwargs: dict[str, Any] = {}
+    checkpoint: Path | None = None  # .safetensors, or .pt/.pth loaded with weights_only=True
+    seed: int = 0                   # random initialisation, so a fresh process builds the same model
+    inputs: list[InputSpec] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of model.name (a registered model) or model.factory "
+                             "('package.module:function' or 'file.py:function')")
+        if self.name is not None and self.name not in models.list_models():
+            raise ValueError(f"unknown model '{self.name}'{suggest(self.name, models.list_models())}; "
+                             f"registered models: {', '.join(models.list_models())}")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model.factory '{self.factory}' must look like 'package.module:function' "
+                             "or 'path/to/file.py:function'")
+        return self
+
+
+class DataConfig(Strict):
+    name: Literal["mnist5k", "digits", "image_folder", "npz", "synthetic"]
+    path: Path | None = None        # image_folder: one sub-folder per class; npz: arrays x and y
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+    samples: int = Field(default=256, ge=1)   # synthetic: how many random inputs
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _path_when_needed(self):
+        if self.name in ("image_folder", "npz") and self.path is None:
+            raise ValueError(f"data '{self.name}' needs data.path")
+        return self
+
+
+class TrainingConfig(Strict):
+    """Hyper-parameters shared by the train stage and every stage's fine-tuning."""
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    augment: bool = True            # small random affine jitter of image inputs
+    seed: int = 0
+
+
+class DistillConfig(Strict):
+    """Loss = alpha·T²·KL(softmax(student/T) ‖ softmax(teacher/T)) + (1 − alpha)·cross-entropy."""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+
+
+class FinetuneConfig(TrainingConfig):
+    epochs: int = Field(default=2, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    distill: bool = False           # the teacher is the model as it entered the first compression stage
+    distillation: DistillConfig = DistillConfig()
+
+
+class FeaturePair(Strict):
+    """Feature distillation: the student's layer output is matched (MSE) to the teacher's, through a learned
+    1×1 adapter where their channel counts differ."""
+    student: str
+    teacher: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+QuantScheme = Literal["tensorrt", "ort-x86", "ort-arm"]
+
+
+class ParityConfig(Strict):
+    max_abs_diff: float = Field(default=1e-3, gt=0)
+    # INT8: fake-quant torch vs the Q/DQ ONNX round at different points, and the differences grow with depth
+    # (measured: mnist_cnn 0.007, pruned mobilenet_v2 0.23 of the largest |output|, top-1 agreement 1.0 for both).
+    # The bound catches a broken export (a wrong scale, a missing quantizer); top-1 agreement is the main gate.
+    int8_max_rel_diff: float = Field(default=0.5, gt=0)
+    int8_min_top1_agreement: float = Field(default=0.97, ge=0, le=1)   # measured 0.988 on a 1-epoch mobilenet_v2
+    min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
+    samples: int = Field(default=256, ge=1)
+
+
+class ExportConfig(Strict):
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: int = Field(default=18, ge=13, le=23)
+    slim: bool = True               # onnxslim: constant folding and graph clean-up
+    parity: ParityConfig = ParityConfig()
+
+    @model_validator(mode="after")
+    def _dynamo_opset(self):
+        if self.exporter == "dynamo" and self.opset < 18:  # dynamo silently rewrites opset < 18 to 18
+            raise ValueError(f"export.opset {self.opset} needs exporter 'torchscript'; dynamo exports opset ≥ 18")
+        return self
+
+
+class BenchConfig(Strict):
+    warmup: int = Field(default=20, ge=0)
+    runs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class TVMCompileConfig(Strict):
+    tuning_trials: int = Field(default=0, ge=0)   # MetaSchedule trials for targets that run here; 0: untuned
+
+
+class CompileConfig(Strict):
+    """Per-device choice: each target tries its backends × these precisions (the order is the preference used when
+    nothing can be measured), keeps what passes parity, and bundles the fastest measured one."""
+    precisions: list[Precision] = Field(default=["int8", "fp16", "fp32"], min_length=1)
+    parity_samples: int = Field(default=32, ge=1)   # validation inputs for device parity (shipped in the bundle)
+    # Compiled artifact vs ONNX Runtime on the same ONNX, relative to the largest |output|, per precision.
+    max_rel_diff: dict[Precision, float] = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.1}
+    min_top1_agreement: float = Field(default=0.97, ge=0, le=1)
+    tvm: TVMCompileConfig = TVMCompileConfig()
+    # HOST:PORT of a TVM RPC tracker. Targets whose profile's rpc_key has a device registered there are measured on
+    # that device (its `edgesmith_runtime.py --rpc-server`): parity and latency of every candidate, every run.
+    rpc_tracker: str | None = Field(default=None, pattern=r"^[^:\s]+:\d{1,5}$")
+
+
+class BudgetConfig(Strict):
+    max_accuracy_drop: float | None = Field(default=None, ge=0)   # points, against the uncompressed model
+
+
