@@ -1,6 +1,6 @@
 """Compression benchmarks B1–B5: what pruning, distillation and INT8 buy, measured side by side on this host.
 
-    python -m benchmarks.compression [b1 b2 b3 b4 b5 | all] [--quick] [--json FILE] [--cache-dir DIR]
+    python -m edgesmith.benchmarks.compression [b1 b2 b3 b4 b5 | all] [--quick] [--json FILE] [--cache-dir DIR]
 
 Each benchmark runs the pipeline's CLI in a subprocess (benchmarks never import the pipeline), reads the
 accuracies from its results.json, then times the ONNX files it wrote with ONNX Runtime in this process,

@@ -1,6 +1,6 @@
 """Spine benchmark: the default recipe end to end (cold cache), then a warm re-run, as a user runs them.
 
-    python -m benchmarks.spine [--out DIR] [--json FILE]
+    python -m edgesmith.benchmarks.spine [--out DIR] [--json FILE]
 
 Prints each step's wall time, the totals and the accuracy against the targets: cold run < 180 s,
 warm re-run < 10 s, mnist_cnn validation accuracy ≥ 98 %. Runs the CLI in a subprocess (benchmarks never

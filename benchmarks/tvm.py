@@ -1,7 +1,7 @@
 """TVM on this host, untuned and MetaSchedule-tuned with a stated trial budget, vs ONNX Runtime FP32; and the TVM
 cross-compile time of every aarch64 profile.
 
-    python -m benchmarks.tvm [--models mnist_cnn resnet18 mobilenet_v2] [--trials 32] [--json FILE]
+    python -m edgesmith.benchmarks.tvm [--models mnist_cnn resnet18 mobilenet_v2] [--trials 32] [--json FILE]
 
 Each figure comes from `edgesmith run` itself (a fresh process; weights at random initialisation, which does not
 change latency): the x86-host target times ONNX Runtime FP32 and TVM FP32 through the same harness, one after the

@@ -103,7 +103,7 @@ def load_dataset(cfg: DataConfig, specs: tuple[InputSpec, ...]) -> Dataset:
     x, y = _LOADERS[cfg.name](cfg, specs)
     if len(specs) != 1:
         raise DataError(f"data '{cfg.name}' gives one input; the model takes {len(specs)} "
-                        f"({', '.join(s.name for s in specs)}): use data 'npz' with one array per input name")
+                        f"({', '.join(s.name for s in specs)}); only 'synthetic' data feeds several inputs today")
     train, val = _split((x,), y, cfg.val_fraction, cfg.seed)
     return Dataset(cfg.name, train, val, specs)
 

@@ -22,6 +22,7 @@ from edgesmith.pipeline.progress import quiet
 from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
 from edgesmith.pipeline.stages.distill import distillation_objective
 from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
+from edgesmith.pipeline.stages.nncf_extension import ensure_built
 from edgesmith.pipeline.stages.qdq import check_scheme, store_weights_int8
 from edgesmith.pipeline.stages.train import fit
 
@@ -117,6 +118,7 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
     """NNCF's min-max calibration on training inputs. The `ort-x86` scheme takes NNCF's MIXED preset
     (asymmetric uint8 activations, symmetric int8 weights); the int8-everywhere schemes take PERFORMANCE
     (symmetric) and have every activation quantizer made signed before training."""
+    ensure_built()   # before nncf.quantize: its first use would build the extension under a 60-s limit
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 

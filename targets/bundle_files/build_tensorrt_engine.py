@@ -9,8 +9,9 @@ they run (a Jetson with JetPack, or an NVIDIA container on a desktop GPU). Needs
 
 TensorRT 8/10 (weakly typed): FP16/INT8 are builder flags; INT8 comes from the Q/DQ nodes (explicit quantization),
 never from a calibrator. TensorRT 11 removed weak typing: the network is strongly typed, FP16 means an FP16 ONNX
-(this bundle ships model.fp16.onnx for that) and INT8 means Q/DQ. Exits non-zero with TensorRT's own message when
-parsing or building fails. edgesmith's TensorRT backend imports this same file when TensorRT is on the build host.
+(in a TensorRT 11 FP16 bundle, model.onnx is already that FP16 file) and INT8 means Q/DQ. Exits non-zero with
+TensorRT's own message when parsing or building fails. edgesmith's TensorRT backend imports this same file when
+TensorRT is on the build host.
 """
 from __future__ import annotations
 
