@@ -55,8 +55,8 @@ def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, flo
             inputs = session.get_inputs()[0]
             shape = [batch, *(d if isinstance(d, int) else 1 for d in inputs.shape[1:])]
             feed = {inputs.name: rng.standard_normal(shape).astype(np.float32)}
-            stats = measure(lambda: session.run(None, feed), warmup=5,  # noqa: B023 (called within the loop) runs=max(5, runs // ROUNDS),
-                            batch_size=batch, threads=0, min_warmup_s=0.2)
+            stats = measure(lambda: session.run(None, feed),  # noqa: B023 (called at once, inside the loop)
+                            warmup=5, runs=max(5, runs // ROUNDS), batch_size=batch, threads=0, min_warmup_s=0.2)
             p50s[label].append(stats.p50)
             session = None  # its thread pool goes now, before the next model's session starts
     return {label: float(np.median(values)) for label, values in p50s.items()}

@@ -135,12 +135,12 @@ def export_step(ctx: RunContext, previous: Step) -> Step:
             shutil.copyfile(onnx.artifact / name, tmp / name)
         parity = check_parity(model, tmp / ONNX_FILE, ctx.dataset(specs), specs, cfg.parity,
                               ctx.recipe.data.eval_batch_size)
-        return Built(Metrics(parity=parity, accuracy=_onnx_accuracy(ctx, tmp, specs), precision="fp32"),
-                     onnx.facts)
+        measured = Metrics(parity=parity, accuracy=_onnx_accuracy(ctx, tmp, specs), precision="fp32")
+        return Built(previous.metrics.merged(onnx.metrics, measured), onnx.facts)   # no host latency: no host
 
     step = ctx.steps.run("export", "export (parity gate)", {"onnx": onnx.key, "config": cfg.model_dump(mode="json"),
                                                              "data": ctx.data_key()}, build, ctx.out_dir / "export")
-    ctx.row("export", previous.metrics.merged(onnx.metrics, latency_step(ctx, onnx).metrics, step.metrics))
+    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics))
     return step
 
 
@@ -155,16 +155,16 @@ def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, te
                                  out_dir=tmp, export=ctx.recipe.export)
         result = entry_for(stage).run(stage, model, ctx.dataset(specs), context)
         shutil.copyfile(fp32.artifact / IO_SPEC, tmp / IO_SPEC)
-        return Built(Metrics(**onnx_size(tmp / ONNX_FILE), accuracy=_onnx_accuracy(ctx, tmp, specs),
-                             parity=result.metrics.get("parity"), precision="int8", scheme=scheme),
-                     {"stage_metrics": result.metrics})
+        return Built(model_step.metrics.merged(Metrics(
+            **onnx_size(tmp / ONNX_FILE), accuracy=_onnx_accuracy(ctx, tmp, specs), parity=result.metrics.get("parity"),
+            precision="int8", scheme=scheme)), {"stage_metrics": result.metrics})
 
     step = ctx.steps.run(stage.kind, f"{stage.kind} {scheme}", {
         "model": model_step.key, "fp32": fp32.key, "config": stage.model_dump(mode="json", exclude={"schemes"}),
         "scheme": scheme, "data": ctx.data_key(), "teacher": teacher.key,
         "export": ctx.recipe.export.model_dump(mode="json")},   # one scheme more must not redo the others
         build, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}-{scheme}")
-    ctx.row(deploy.onnx_label(step), model_step.metrics.merged(step.metrics, latency_step(ctx, step).metrics))
+    ctx.row(deploy.onnx_label(step), step.metrics.merged(latency_step(ctx, step).metrics))
     return step
 
 
