@@ -1,22 +1,11 @@
-"""Backends are found by file name (tinygrad's idiom): `targets/backends/<name>.py` is backend `<name>`.
-
-Each backend module has the same contract:
-  NAME: str;  ARTIFACT: str                 the deployable file's name inside the compiled folder
-  precisions(profile) -> list[str]          what it can build for that device (int8, fp16, fp32)
-  unavailable_reason(profile) -> str|None   why it cannot compile for that device here (None: it can)
-  runs_here(profile) -> bool                whether the compiled artifact executes on this machine
-  compile(onnx_path, profile, out_dir, options) -> dict   writes the artifact (and what the device needs to finish
-                                            it) into out_dir; returns facts for the manifest
-  load(folder, profile) -> Runner           a callable taking {input name: ndarray}, returning a list of ndarrays
-  loader_files(profile) -> list[str]        files of targets/bundle_files/ that a bundle of this backend carries
-Heavy toolchains (tvm, tensorrt) are imported only inside their own module.
-"""
+"""Backends are found by file name (tinygrad's idiom): `targets/backends/<name>.py` is backend `<name>`, a module
+that satisfies the `Backend` protocol below. Heavy toolchains (tvm, tensorrt) are imported only inside their own
+module; measuring on a device over RPC is targets/device.py, for every backend."""
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -49,11 +38,38 @@ class Runner(Protocol):
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
+class Backend(Protocol):
+    """The contract every backend module meets (modules satisfy protocols structurally)."""
+    NAME: str
+    ARTIFACT: str   # the deployable file's name inside the compiled folder
+
+    def precisions(self, profile) -> list[str]:
+        """What it can build for that device (int8, fp16, fp32)."""
+
+    def unavailable_reason(self, profile) -> str | None:
+        """Why it cannot compile for that device here (None: it can)."""
+
+    def runs_here(self, profile) -> bool:
+        """Whether the compiled artifact executes on this machine."""
+
+    def compile(self, onnx_path: Path, profile, out_dir: Path, options: CompileOptions) -> dict:
+        """Writes the artifact (and what the device needs to finish it) into out_dir; facts for the manifest."""
+
+    def load(self, folder: Path, profile=None) -> Runner:
+        """A runner for a compiled folder."""
+
+    def loader_files(self, profile) -> list[str]:
+        """Files of targets/bundle_files/ that a bundle of this backend carries."""
+
+
+BACKEND_FUNCTIONS = ("precisions", "unavailable_reason", "runs_here", "compile", "load", "loader_files")
+
+
 def backend_names() -> list[str]:
     return sorted(p.stem for p in _DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
-def get_backend(name: str) -> ModuleType:
+def get_backend(name: str) -> Backend:
     if name not in backend_names():
         raise KeyError(f"unknown backend '{name}'; valid backends: {', '.join(backend_names())}")
     return importlib.import_module(f"edgesmith.targets.backends.{name}")

@@ -41,8 +41,8 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
 OrtRunner = OnnxRuntimeModel   # the runtime the bundles ship: one session set-up everywhere
 
 
-def load(artifact: Path, profile: Profile | None = None) -> OrtRunner:
-    """`artifact`: the ONNX file, or the compiled folder holding it. Threads: the profile's, when it is this host."""
-    path = Path(artifact)
+def load(folder: Path, profile: Profile | None = None) -> OrtRunner:
+    """`folder`: the compiled folder, or the ONNX file itself. Threads: the profile's, when it is this host."""
+    path = Path(folder)
     threads = profile.threads if profile is not None and profile.is_host else None
     return OrtRunner(path / ARTIFACT if path.is_dir() else path, threads)

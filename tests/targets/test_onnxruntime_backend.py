@@ -1,10 +1,12 @@
+import inspect
+
 import numpy as np
 
 from edgesmith import models
 from edgesmith.pipeline.config import ExportConfig
 from edgesmith.pipeline.export import export_onnx
 from edgesmith.targets import load_profile
-from edgesmith.targets.backends import backend_names, get_backend
+from edgesmith.targets.backends import BACKEND_FUNCTIONS, Backend, backend_names, get_backend
 
 
 def test_backends_are_found_by_file_name():
@@ -12,8 +14,10 @@ def test_backends_are_found_by_file_name():
     for name in backend_names():   # one contract for every backend
         backend = get_backend(name)
         assert backend.NAME == name and backend.ARTIFACT
-        for function in ("precisions", "unavailable_reason", "runs_here", "compile", "load", "loader_files"):
-            assert callable(getattr(backend, function)), (name, function)
+        for function in BACKEND_FUNCTIONS:   # the Backend protocol's functions, with its parameters
+            expected = list(inspect.signature(getattr(Backend, function)).parameters)[1:]   # without self
+            assert list(inspect.signature(getattr(backend, function)).parameters)[:len(expected)] == expected, \
+                (name, function)
 
 
 def test_compile_and_load_run_the_model(tmp_path):
