@@ -6,15 +6,16 @@ the device itself through a TVM RPC tracker; otherwise the profile's preference 
 "not measured". An emulated device checks parity but its timings are never latency."""
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
 from edgesmith.benchmarks.harness import summarize
 from edgesmith.pipeline import bundle
 from edgesmith.pipeline.bench import time_runner
+from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
 from edgesmith.pipeline.context import ONNX_FILE, RunContext
 from edgesmith.pipeline.evaluate import feeds
@@ -90,8 +91,10 @@ def describe(facts: dict) -> str:
     return f"{facts['hostname']} ({facts['machine']}, {facts['cpu'] or 'CPU unknown'})"
 
 
+@cache
 def host_description() -> str:
-    """This machine as the results show it, and the host part of the keys of steps that measure here."""
+    """This machine as the results show it, and the host part of the keys of steps that measure here (read once per
+    process: every latency and check step asks for it)."""
     return describe(device_facts())
 
 
@@ -208,7 +211,7 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
 
     def build(tmp: Path) -> Built:
         facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
-        (tmp / "compile.json").write_text(json.dumps(facts, indent=2, default=str))  # what load() needs
+        atomic_write_json(tmp / "compile.json", facts)   # what load() needs beside the artifact
         return Built(facts={"compile": facts, "profile": profile.name})
 
     label = f"{profile.name} {candidate.label}"

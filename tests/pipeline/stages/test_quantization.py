@@ -1,6 +1,5 @@
 """QAT (NNCF) and PTQ (ONNX Runtime calibrators): every output passes its scheme's Q/DQ rules, for real."""
 import dataclasses
-import json
 
 import numpy as np
 import onnx
@@ -87,9 +86,8 @@ def test_ptq_calibrators_write_valid_files(trained_digits_cnn, tmp_path, calibra
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(model, ctx.specs, EXPORT, fp32)
     for scheme in SCHEMES:
-        out = _ptq(PTQStage(kind="ptq", calibration=calibration, calibration_samples=128), scheme, fp32, data, ctx,
-                   tmp_path / scheme)
-        facts = json.loads((out.parent / "facts.json").read_text())
+        out, facts = _ptq(PTQStage(kind="ptq", calibration=calibration, calibration_samples=128), scheme, fp32,
+                          data, ctx, tmp_path / scheme)
         assert validate(out, scheme) == [] and facts["calibration"] == calibration
         assert onnx_accuracy(OrtRunner(out), data, ctx.specs, 256) > torch_accuracy(model, data, 256) - 5
 
@@ -98,7 +96,7 @@ def test_ptq_for_tensorrt_keeps_biases_in_float(trained_digits_cnn, tmp_path):
     fresh, data, ctx, _ = trained_digits_cnn
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(fresh(), ctx.specs, EXPORT, fp32)
-    out = _ptq(PTQStage(kind="ptq", calibration_samples=64), "tensorrt", fp32, data, ctx, tmp_path / "trt")
+    out, _ = _ptq(PTQStage(kind="ptq", calibration_samples=64), "tensorrt", fp32, data, ctx, tmp_path / "trt")
     assert TensorProto.INT32 not in zero_point_types(out)
     _ptq(PTQStage(kind="ptq", calibration_samples=64), "ort-x86", fp32, data, ctx, tmp_path / "x86")
     # ORT's own format quantizes biases
@@ -106,10 +104,9 @@ def test_ptq_for_tensorrt_keeps_biases_in_float(trained_digits_cnn, tmp_path):
 
 
 def _ptq(cfg: PTQStage, scheme: str, fp32, data, ctx, folder):
-    """PTQ through the stage contract (the scheme, FP32 ONNX and output folder travel in the context); its facts are
-    saved beside the file it wrote."""
+    """PTQ through the stage contract (the scheme, FP32 ONNX and output folder travel in the context): the file it
+    wrote and its facts."""
     folder.mkdir()
     result = ptq.run(cfg, None, data, dataclasses.replace(ctx, scheme=scheme, fp32_onnx=fp32, out_dir=folder))
     assert result.model is None
-    (folder / "facts.json").write_text(json.dumps(result.metrics))
-    return folder / QUANTIZED_ONNX
+    return folder / QUANTIZED_ONNX, result.metrics
