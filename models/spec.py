@@ -10,7 +10,7 @@ from dataclasses import field
 from typing import Annotated, Literal
 
 import torch
-from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import ConfigDict, Field, Strict, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
@@ -21,7 +21,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.in
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class InputSpec:
     name: str
-    shape: Annotated[tuple[int, ...], Field(min_length=1)]   # nominal shape, batch axis included (usually 1)
+    # nominal shape, batch axis included (usually 1); strict: YAML's `true` is not a size
+    shape: Annotated[tuple[Annotated[int, Strict()], ...], Field(min_length=1)]
     dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
     dynamic_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
     mean: tuple[float, ...] | None = None        # per-channel normalisation applied by data preparation

@@ -85,5 +85,5 @@ def verify(folder: Path) -> dict:
 
     result["parity"] = check(folder)   # through the bundle's own loader, as on the device
     if not result["parity"]["passed"]:
-        raise TargetError(f"{folder}: parity failed on this host: {json.dumps(result['parity'])}")
+        raise TargetError(f"{folder}: parity failed on this host: {result['parity']['problem']}")
     return result

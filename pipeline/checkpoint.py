@@ -16,7 +16,17 @@ _SHOWN = 5
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+    """The file's tensors by name, refused when unreadable, pickled or holding NaN/Inf weights."""
+    state = _read(Path(path))
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"checkpoint '{path}': tensor '{name}' holds {bad} NaN/Inf value(s) (the training "
+                                  "that wrote it diverged); use an earlier checkpoint")
+    return state
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; fix model.checkpoint")
     if path.suffix == ".safetensors":

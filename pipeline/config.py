@@ -6,9 +6,10 @@ puts everything together. Shared here: what several stages or steps read (traini
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from edgesmith import models
 from edgesmith.config_files import suggest
@@ -17,7 +18,21 @@ from edgesmith.targets.profile import Precision
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; numbers finite (`lr: .inf` is refused); booleans are not numbers (`epochs: true`)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean; give a number")
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    """int, float, or an optional one (YAML's true/false would silently become 1/0)."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(option in (int, float) for option in options)
 
 
 class ModelConfig(Strict):

@@ -140,8 +140,13 @@ def choose(found: list[Candidate]) -> Candidate | None:
 
 
 def failure_summary(profile: Profile, found: list[Candidate]) -> str:
-    reasons = "; ".join(f"{c.label}: {c.reason or 'parity failed'}" for c in found) or "no candidates"
+    reasons = "; ".join(f"{c.label}: {c.reason or _parity_problem(c)}" for c in found) or "no candidates"
     return f"target '{profile.name}': no backend × precision passed ({reasons})"
+
+
+def _parity_problem(c: Candidate) -> str:
+    problem = (c.parity or {}).get("problem")
+    return f"parity failed ({problem})" if problem else "parity failed"
 
 
 def measure_on_device(profile: Profile, found: list[Candidate], tracker: str, bench: BenchConfig,

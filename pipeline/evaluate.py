@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgesmith.errors import DataError
+from edgesmith.errors import DataError, ModelError
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.data import Dataset
 
@@ -61,18 +61,48 @@ def model_size(model: nn.Module, specs: tuple[InputSpec, ...]) -> tuple[int, int
 def model_sparsity(model: nn.Module) -> float:
     """Zeros among all parameters: what magnitude pruning leaves, and what compresses."""
     params = list(model.parameters())
-    return sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    return sum(int((p == 0).sum()) for p in params) / total if total else 0.0   # a parameter-free model
 
 
 def evaluate_onnx_file(path: Path, recipe) -> dict:
     """An ONNX file from anywhere (another tool's quantizer, say), scored exactly as the pipeline's stages are."""
     from edgesmith.pipeline.data import load_dataset
     from edgesmith.pipeline.model_source import build_model, input_specs
-    from edgesmith.targets.backends.onnxruntime import OrtRunner
 
     if not Path(path).is_file():
         raise DataError(f"ONNX file '{path}' does not exist")
     specs = input_specs(build_model(recipe.model), recipe.model)
+    runner = _open_onnx(Path(path), specs)
     data = load_dataset(recipe.data, specs)
-    accuracy = onnx_accuracy(OrtRunner(Path(path)), data, specs, recipe.data.eval_batch_size)
+    accuracy = onnx_accuracy(runner, data, specs, recipe.data.eval_batch_size)
     return {"file": str(path), "data": recipe.data.name, "samples": len(data.val), "accuracy": accuracy}
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32"}
+
+
+def _open_onnx(path: Path, specs: tuple[InputSpec, ...]):
+    """The file in ONNX Runtime, refused in one line when it is not ONNX or does not take the recipe's inputs."""
+    from edgesmith.targets.backends.onnxruntime import OrtRunner
+    from edgesmith.targets.bundle_files.edgesmith_runtime import InputError, check_feeds
+
+    try:
+        runner = OrtRunner(path)
+    except Exception as exc:   # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"'{path}' cannot be loaded by ONNX Runtime: {first}") from exc
+    takes = [{"name": i.name, "dtype": _ORT_DTYPES.get(i.type, i.type),
+              "shape": [d if isinstance(d, int) else 1 for d in i.shape],
+              "dynamic_axes": {str(a): str(d) for a, d in enumerate(i.shape) if not isinstance(d, int)}}
+             for i in runner.session.get_inputs()]
+    try:
+        check_feeds(feeds(tuple(s.example(1) for s in specs), specs), takes)
+    except InputError as exc:
+        raise ModelError(f"'{path}' does not take the recipe model's inputs ({_given(specs)}): {exc}") from None
+    return runner
+
+
+def _given(specs: tuple[InputSpec, ...]) -> str:
+    return "; ".join(f"'{s.name}' {s.dtype}{list(s.shape)}" for s in specs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
     axes.update({name: {0: "batch"} for name in outputs if any("batch" in a.values() for a in axes.values())})
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     try:
-        with quiet("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", hide_warnings=True):
+        with quiet("torch", "onnxscript", hide_warnings=True, hide_stderr=True):   # graph dumps on failure
             if cfg.exporter == "dynamo":
                 torch.onnx.export(model, example, str(tmp), dynamo=True, external_data=False, opset_version=cfg.opset,
                                   input_names=[s.name for s in specs], output_names=outputs, dynamic_axes=axes,
@@ -49,7 +50,7 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
                                   do_constant_folding=True)
     except Exception as exc:  # the exporters raise many unrelated types; report the op-level cause in one line
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first_line(exc)}; "
+        raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_export_cause(exc)}; "
                           f"try export.exporter: {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}") from exc
     proto = onnx.load(str(tmp))
     if cfg.slim:
@@ -97,6 +98,8 @@ def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[
             reference = model(*xs)
             reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).numpy()
             actual = runner(feeds(xs, specs))[0]
+            _refuse_nonfinite(reference, "the torch model's", seen)
+            _refuse_nonfinite(actual, "ONNX Runtime's", seen)
             max_diff = max(max_diff, float(np.max(np.abs(reference - actual))))
             max_reference = max(max_reference, float(np.max(np.abs(reference))))
             agree += int((reference.argmax(-1) == actual.argmax(-1)).sum())
@@ -112,6 +115,15 @@ def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[
                           f"(allowed {allowed:g}), top-1 agreement {result['top1_agreement']:.4f} "
                           f"(required {min_agreement:g}); loosen export.parity or check the model's ops")
     return result
+
+
+def _refuse_nonfinite(outputs: np.ndarray, whose: str, offset: int) -> None:
+    """NaN slips through max() and every comparison: a model whose outputs are all NaN would pass."""
+    bad = np.size(outputs) - np.count_nonzero(np.isfinite(outputs))
+    if bad:
+        first = offset + int(np.argwhere(~np.isfinite(outputs))[0][0])
+        raise ParityError(f"parity gate failed: {whose} outputs hold {bad} NaN/Inf value(s) (first in validation "
+                          f"input {first}); check the model's weights and numerics (log, division, overflow)")
 
 
 def _check_dynamic_axes(proto: onnx.ModelProto, specs: tuple[InputSpec, ...]) -> None:
@@ -147,6 +159,24 @@ def _slim(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     with quiet():
         return onnxslim.slim(proto)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _export_cause(exc: BaseException) -> str:
+    """torch.export's message is a page of advice with the cause in the middle: keep the cause and where it was
+    raised in the user's code."""
+    text = _ANSI.sub("", str(exc))
+    summary = text.partition("## Exception summary")[2].strip()
+    if not summary:
+        return _first_line(exc)
+    cause = summary.splitlines()[0].split(">: ", 1)[-1].strip()
+    where = re.search(r"The following call raised this error:\n\s*File \"([^\"]+)\", line (\d+).*\n\s*(.+)", text)
+    location = f" at {where[1]}:{where[2]} `{where[3].strip()}`" if where else ""
+    data_dependent = "data-dependent" in cause
+    return (("the model branches on a tensor's value, which torch.export cannot trace: " if data_dependent else "")
+            + cause[:300] + location)
 
 
 def _first_line(exc: BaseException) -> str:

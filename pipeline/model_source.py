@@ -37,14 +37,25 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def input_specs(model: nn.Module, cfg: ModelConfig) -> tuple[InputSpec, ...]:
-    """The recipe's `model.inputs` wins over what the module declares; one of them must exist."""
-    if cfg.inputs:
-        return tuple(cfg.inputs)
-    declared = input_spec_of(model)
-    if not declared:
+    """The recipe's `model.inputs` wins over what the module declares; one of them must exist, and the model must
+    run on it (checked with one forward pass, so a wrong shape is named here and not deep inside a stage)."""
+    specs = tuple(cfg.inputs) if cfg.inputs else input_spec_of(model)
+    if not specs:
         raise ModelError(f"model '{cfg.name or cfg.factory}' declares no input spec; add model.inputs to the recipe, "
                          "e.g. inputs: [{name: input, shape: [1, 3, 224, 224]}]")
-    return declared
+    _check_forward(model, specs, "model.inputs" if cfg.inputs else "the model's declared input_spec")
+    return specs
+
+
+def _check_forward(model: nn.Module, specs: tuple[InputSpec, ...], source: str) -> None:
+    examples = [spec.example(2, torch.Generator().manual_seed(0)) for spec in specs]
+    try:
+        with torch.inference_mode():
+            model.eval()(*examples)
+    except Exception as exc:   # the model's own error, whatever its type
+        given = ", ".join(f"'{s.name}' {s.dtype}{list(x.shape)} (rank {x.ndim})" for s, x in zip(specs, examples))
+        raise ModelError(f"the model's forward fails on {source}: {given}: {type(exc).__name__}: {_first_line(exc)}; "
+                         "give model.inputs the names, shapes and dtypes its forward takes") from exc
 
 
 def source_fingerprint(cfg: ModelConfig) -> str:
@@ -144,7 +155,9 @@ def _call_factory(cfg: ModelConfig) -> nn.Module:
     try:
         model = factory(**cfg.kwargs)
     except TypeError as exc:
-        raise ModelError(f"model.factory '{cfg.factory}' rejected model.kwargs: {exc}") from None
+        raise ModelError(f"model.factory '{cfg.factory}' rejected model.kwargs: {exc}") from exc
+    except Exception as exc:   # the user's code: keep its own message
+        raise ModelError(f"model.factory '{cfg.factory}' raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -162,7 +175,12 @@ def _resolve_factory(ref: str):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:   # a syntax error or a failing import in the user's file
+                del sys.modules[name]
+                raise ModelError(f"model.factory file '{module_ref}' fails to import: {type(exc).__name__}: "
+                                 f"{_first_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(module_ref)
@@ -173,3 +191,7 @@ def _resolve_factory(ref: str):
     if not callable(factory):
         raise ModelError(f"model.factory '{ref}': '{attr}' is not a callable in {module_ref}")
     return factory
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -12,6 +12,7 @@ import logging
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 logger = logging.getLogger("edgesmith")
@@ -22,12 +23,12 @@ console = Console(stderr=True)
 
 def info(message: str) -> None:
     if logger.isEnabledFor(logging.INFO):
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     if logger.isEnabledFor(logging.WARNING):
-        console.print(f"[yellow]{message}[/]", highlight=False)
+        console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)   # plain text, no markup
 
 
 @contextlib.contextmanager

@@ -7,12 +7,13 @@ measure on this machine name the host among their parts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgesmith.pipeline.cache import Store, content_key, publish
+from edgesmith.pipeline.cache import SIDECAR, Store, content_key, publish
 from edgesmith.pipeline.progress import info
 from edgesmith.pipeline.versions import key_versions, tool_versions
 
@@ -82,21 +83,29 @@ class Steps:
         parts = {**parts, "tools": key_versions()}
         key = content_key(kind, parts)
         start = time.time()
-        artifact = self.store.get(kind, key) if self.use_cache else None
-        cached = artifact is not None
+        loaded = self.store.load(kind, key) if self.use_cache else None
+        cached = loaded is not None
         if not cached:
-            info(f"[bold cyan]▶ {label}[/] running")
-            if not self.use_cache:
-                self.store.discard(kind, key)
-            sidecar = {"kind": kind, "key": key, "label": label, "key_parts": parts, "recipe": self.recipe_name,
-                       "versions": tool_versions()}
-            with self.store.build(kind, key, sidecar) as tmp:
-                built = build(tmp)
-                sidecar.update(metrics=built.metrics.to_dict(), facts=built.facts)
-            artifact = self.store.get(kind, key)
-        step = Step.from_sidecar(self.store.sidecar(artifact), artifact, cached, time.time() - start)
+            with self.store.exclusive(kind, key, on_wait=lambda: info(f"[cyan]… {label}[/] being built by another "
+                                                                      "run; waiting for it")):
+                loaded = self.store.load(kind, key) if self.use_cache else None   # the run we waited for built it
+                cached = loaded is not None
+                if not cached:
+                    loaded = self._build(kind, key, label, parts, build)
+        artifact, sidecar = loaded
+        step = Step.from_sidecar(sidecar, artifact, cached, time.time() - start)
         info(f"[green]✔ {label}[/] {'cached' if cached else 'done'} in {step.seconds:.1f}s")
         if publish_to is not None:
             publish(artifact, publish_to)
         self.done.append(step)
         return step
+
+    def _build(self, kind: str, key: str, label: str, parts: dict, build: BuildFunction) -> tuple[Path, dict]:
+        info(f"[bold cyan]▶ {label}[/] running")
+        sidecar = {"kind": kind, "key": key, "label": label, "key_parts": parts, "recipe": self.recipe_name,
+                   "versions": tool_versions()}
+        with self.store.build(kind, key, sidecar) as tmp:
+            built = build(tmp)
+            sidecar.update(metrics=built.metrics.to_dict(), facts=built.facts)
+        artifact = self.store.path(kind, key)
+        return artifact, json.loads((artifact / SIDECAR).read_text())   # as a later run will read it

@@ -112,32 +112,107 @@ def _pad(array: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], batch - len(array), axis=0)])
 
 
-def open_bundle(folder: str | Path = ".", threads: int | None = None):
+def open_bundle(folder: str | Path = ".", threads: int | None = None, check_nan: bool = False) -> CheckedModel:
+    """The bundle's model, called with {input name: array}. Inputs are checked against manifest.json (names, dtypes,
+    ranks, fixed axes, a non-empty batch) before the runtime sees them; `check_nan` also refuses NaN/Inf inputs."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     backend, artifact = manifest["backend"], folder / manifest["artifact"]
     if backend == "onnxruntime":
-        return OnnxRuntimeModel(artifact, threads)
-    if backend == "tvm":
-        return TVMModel(artifact, [i["name"] for i in manifest["inputs"]], manifest["compile"]["batch_size"], threads)
-    if backend == "tensorrt":
+        model = OnnxRuntimeModel(artifact, threads)
+    elif backend == "tvm":
+        model = TVMModel(artifact, [i["name"] for i in manifest["inputs"]], manifest["compile"]["batch_size"], threads)
+    elif backend == "tensorrt":
         engine = folder / manifest["tensorrt_build"]["engine"]
         if not engine.is_file():
             raise FileNotFoundError(f"{engine} does not exist yet: build it on the device with "
                                     f"`python3 {folder / 'build_tensorrt_engine.py'}`")
-        return TensorRTModel(engine)
-    raise ValueError(f"unknown backend '{backend}' in {folder / 'manifest.json'}")
+        model = TensorRTModel(engine)
+    else:
+        raise ValueError(f"unknown backend '{backend}' in {folder / 'manifest.json'}")
+    return CheckedModel(model, manifest["inputs"], check_nan)
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the bundle's model; the message lists what it takes."""
+
+
+class CheckedModel:
+    """A backend's model behind a check of its inputs: the runtimes' own errors (a KeyError, an IndexError deep in
+    TVM) do not say what the model takes."""
+
+    def __init__(self, model, inputs: list[dict], check_nan: bool = False):
+        self.model, self.inputs, self.check_nan = model, inputs, check_nan
+
+    def __getattr__(self, name):   # threads, input_names, ... of the backend's model
+        return getattr(self.model, name)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        check_feeds(feeds, self.inputs, self.check_nan)
+        return self.model(feeds)
+
+
+def _describe_inputs(inputs: list[dict]) -> str:
+    def dims(spec: dict) -> str:
+        axes = {int(k): v for k, v in spec.get("dynamic_axes", {}).items()}
+        return ", ".join(axes.get(i, str(n)) for i, n in enumerate(spec["shape"]))
+    return "; ".join(f"'{s['name']}' {s['dtype']}[{dims(s)}]" for s in inputs)
+
+
+def check_feeds(feeds: dict, inputs: list[dict], check_nan: bool = False) -> None:
+    takes = f"the model takes {_describe_inputs(inputs)}"
+    if not isinstance(feeds, dict):
+        raise InputError(f"inputs must be a dict of input name → numpy array, got {type(feeds).__name__}; {takes}")
+    names = [s["name"] for s in inputs]
+    if set(feeds) != set(names):
+        missing, extra = [n for n in names if n not in feeds], [n for n in feeds if n not in names]
+        raise InputError(f"missing input(s) {missing}, unexpected {extra}; {takes}")
+    batches = set()
+    for spec in inputs:
+        array, name = feeds[spec["name"]], spec["name"]
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"input '{name}' is a {type(array).__name__}, not a numpy array; {takes}")
+        if array.dtype != np.dtype(spec["dtype"]):
+            raise InputError(f"input '{name}' is {array.dtype}; {takes} (use .astype(np.{spec['dtype']}))")
+        dynamic = {int(k) for k in spec.get("dynamic_axes", {})}
+        fixed_ok = all(i in dynamic or array.shape[i] == n for i, n in enumerate(spec["shape"][:array.ndim]))
+        if array.ndim != len(spec["shape"]) or not fixed_ok:
+            raise InputError(f"input '{name}' has shape {list(array.shape)}; {takes}")
+        if array.ndim and array.shape[0] == 0:
+            raise InputError(f"input '{name}' has an empty batch (shape {list(array.shape)}); give at least one row")
+        batches.add(array.shape[0] if array.ndim else None)
+        if check_nan and np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise InputError(f"input '{name}' holds {nonfinite_count([array])} NaN/Inf value(s)")
+    if len(batches) > 1:
+        raise InputError(f"inputs have different batch sizes {sorted(batches)}; {takes}")
+
+
+def nonfinite_count(arrays: list[np.ndarray]) -> int:
+    """NaN and ±Inf values in float outputs: every parity gate fails on them (NaN compares false with anything)."""
+    floats = [a for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in floats)
 
 
 def compare(outputs: list[np.ndarray], expected: list[np.ndarray], tolerance: dict) -> dict:
-    """Largest |difference| relative to the largest |reference output|, and top-1 agreement of the first output."""
-    diff = max(float(np.max(np.abs(o.astype(np.float32) - e))) for o, e in zip(outputs, expected))
-    scale = max(float(np.max(np.abs(e))) for e in expected) or 1.0
+    """Largest |difference| relative to the largest |reference output|, and top-1 agreement of the first output.
+    Any NaN or Inf in either side fails, and `problem` says which side."""
+    outputs = [o.astype(np.float32) for o in outputs]
     rows = len(expected[0])
+    nonfinite = {"outputs": nonfinite_count(outputs), "reference": nonfinite_count(expected)}
+    if any(nonfinite.values()):
+        side = "the outputs" if nonfinite["outputs"] else "the reference outputs"
+        count = nonfinite["outputs"] or nonfinite["reference"]
+        return {"max_abs_diff": None, "max_rel_diff": None, "top1_agreement": None, "samples": rows,
+                "tolerance": tolerance, "passed": False, "nonfinite": nonfinite,
+                "problem": f"{count} NaN/Inf value(s) in {side}"}
+    diff = max(float(np.max(np.abs(o - e))) for o, e in zip(outputs, expected))
+    scale = max(float(np.max(np.abs(e))) for e in expected) or 1.0
     agreement = float(np.mean(outputs[0].reshape(rows, -1).argmax(1) == expected[0].reshape(rows, -1).argmax(1)))
     passed = diff / scale <= tolerance["max_rel_diff"] and agreement >= tolerance["min_top1_agreement"]
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "top1_agreement": agreement, "samples": rows,
-            "tolerance": tolerance, "passed": bool(passed)}
+            "tolerance": tolerance, "passed": bool(passed), "nonfinite": nonfinite,
+            "problem": None if passed else f"max_rel_diff {diff / scale:.3g}, top-1 agreement {agreement:.3f} "
+                                           f"outside the tolerance {tolerance}"}
 
 
 def check(folder: str | Path = ".", model=None) -> dict:

@@ -49,3 +49,13 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         read_state_dict(bad)
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_first_tensor(tmp_path):
+    for value, suffix in ((float("nan"), "safetensors"), (float("inf"), "pt")):
+        state = {k: v.clone() for k, v in small_cnn().state_dict().items()}
+        state["classifier.1.weight"][0, :3] = value
+        path = tmp_path / f"w.{suffix}"
+        save_file(state, path) if suffix == "safetensors" else torch.save(state, path)
+        with pytest.raises(CheckpointError, match=r"tensor 'classifier.1.weight' holds 3 NaN/Inf value\(s\)"):
+            read_state_dict(path)

@@ -1,8 +1,11 @@
 import json
+from pathlib import Path
 
+import onnx
 import pytest
 
 from tests.conftest import FAST, chosen, edgesmith
+from tests.targets.conftest import tiny_cnn
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["models"], ["targets"], ["targets", "show"], ["bundle", "verify"],
@@ -75,3 +78,72 @@ def test_evaluate_scores_any_onnx_file_on_the_validation_split(tmp_path):
     assert scored["accuracy"] == next(r for r in rows if r["stage"] == "export")["accuracy"]
     missing = edgesmith("evaluate", str(tmp_path / "nope.onnx"), str(tmp_path / "r/recipe.yaml"))
     assert missing.returncode == 2 and "nope.onnx' does not exist" in missing.stderr
+
+
+USER_MODELS = '''
+import torch.nn as nn
+
+def raising():
+    raise RuntimeError("weights server unreachable: connection refused")
+
+def linear():
+    return nn.Sequential(nn.Flatten(), nn.Linear(10, 2))
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x[:, :2]
+
+def data_dependent():
+    return DataDependent()
+'''
+IMAGE_8 = "inputs: [{name: input, shape: [1, 3, 8, 8]}]"
+
+
+def _one_line_cases(tmp: Path) -> dict:
+    (tmp / "mine.py").write_text(USER_MODELS)
+    (tmp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp / "broken.yaml").write_text("name: x\nmodel: {name: mnist_cnn\ndata: {name: digits}\n")
+    (tmp / "garbage.onnx").write_bytes(b"\x08\x07not a protobuf at all")
+    onnx.save(tiny_cnn(), str(tmp / "other_model.onnx"))   # input [batch, 1, 12, 12]; the default model takes 28×28
+    def model(factory: str) -> str:
+        return f"model={{factory: '{tmp / 'mine.py'}:{factory}', {IMAGE_8}}}"
+    synthetic = ("--set", "data.name=synthetic", "--set", "stages=[]", "--out", str(tmp / "run"),
+                 "--cache-dir", str(tmp / "cache"))
+    return {   # case: (arguments, what the one line must say)
+        "bad --set YAML": (("run", "--set", "stages=[{kind: train"), "not valid YAML"),
+        "recipe not UTF-8": (("run", str(tmp / "latin1.yaml")), "not UTF-8"),
+        "YAML syntax error": (("run", str(tmp / "broken.yaml")), "line 3, column"),
+        "factory raises": (("run", "--set", model("raising"), *synthetic),
+                           "raised RuntimeError: weights server unreachable: connection refused"),
+        "forward fails on the shape": (("run", "--set", model("linear"), *synthetic),
+                                       "'input' float32[2, 3, 8, 8] (rank 4): RuntimeError: mat1 and mat2"),
+        "inputs rank mismatch": (("run", "--set", "model.inputs=[{name: input, shape: [1, 28, 28]}]", *synthetic),
+                                 "'input' float32[2, 28, 28] (rank 3)"),
+        "evaluate a corrupt ONNX": (("evaluate", str(tmp / "garbage.onnx"), "--set", "data.name=digits"),
+                                    "cannot be loaded by ONNX Runtime"),
+        "evaluate another model's ONNX": (("evaluate", str(tmp / "other_model.onnx"), "--set", "data.name=digits"),
+                                          r"'input' has shape [1, 1, 28, 28]; the model takes 'input' "
+                                          "float32[batch, 1, 12, 12]"),
+        "dynamo data-dependent branch": (("run", "--set", model("data_dependent"), *synthetic),
+                                         "branches on a tensor's value"),
+    }
+
+
+CASES = ["bad --set YAML", "recipe not UTF-8", "YAML syntax error", "factory raises", "forward fails on the shape",
+         "inputs rank mismatch", "evaluate a corrupt ONNX", "evaluate another model's ONNX",
+         "dynamo data-dependent branch"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_are_one_line_with_exit_code_2(case, tmp_path):
+    arguments, says = _one_line_cases(tmp_path)[case]
+    proc = edgesmith(*arguments)
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert says in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr
+    if case in ("factory raises", "dynamo data-dependent branch"):   # --debug keeps the user's traceback
+        debug = edgesmith(*arguments, "--debug")
+        assert debug.returncode != 0 and "Traceback" in debug.stderr
+        assert ("weights server unreachable" if case == "factory raises" else "x.sum() > 0") in debug.stderr

@@ -52,5 +52,21 @@ def test_unexportable_model_names_the_cause(tmp_path):
         def forward(self, x):
             return x[x > 0].sum().unsqueeze(0).expand(x.shape[0], 2) if x.sum() > 0 else x[:, :2]
 
-    with pytest.raises(ExportError, match="ONNX export \\(dynamo\\) failed"):
+    with pytest.raises(ExportError, match="ONNX export \\(dynamo\\) failed") as info:
         export_onnx(DataDependent(), (InputSpec("input", (1, 4)),), ExportConfig(), tmp_path / "m.onnx")
+    message = str(info.value)
+    assert "branches on a tensor's value" in message and "data-dependent expression" in message
+    assert "test_export.py:" in message and "if x.sum() > 0" in message   # where, in the user's code
+    assert message.endswith("try export.exporter: torchscript") and "\x1b" not in message and "\n" not in message
+
+
+def test_all_nan_outputs_fail_the_parity_gate(tmp_path):
+    model = models.create("mnist_cnn", width=8).eval()
+    specs = models.input_spec_of(model)
+    export_onnx(model, specs, ExportConfig(), tmp_path / "m.onnx")
+    data = load_dataset(DataConfig(name="digits"), specs)
+    with torch.no_grad():   # both torch and the file (re-exported) now return NaN everywhere
+        model.classifier[1].bias.fill_(float("nan"))
+    export_onnx(model, specs, ExportConfig(), tmp_path / "m.onnx")
+    with pytest.raises(ParityError, match="torch model's outputs hold .* NaN/Inf"):
+        check_parity(model, tmp_path / "m.onnx", data, specs, ParityConfig(), batch_size=64)

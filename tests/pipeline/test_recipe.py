@@ -103,3 +103,13 @@ def test_recipe_file_errors(tmp_path):
 
 def test_factory_and_name_are_exclusive():
     assert "exactly one" in error_for("model.factory=pkg.mod:fn")
+
+
+def test_numbers_are_finite_and_booleans_are_not_numbers():
+    assert "'stages.0.lr': Input should be a finite number" in error_for("stages.0.lr=.inf")
+    assert "'export.parity.max_abs_diff': Input should be a finite number" in error_for(
+        "export.parity.max_abs_diff=.nan")
+    assert "'stages.0.epochs': true is a boolean; give a number" in error_for("stages.0.epochs=true")
+    assert "'bench.runs': false is a boolean" in error_for("bench.runs=false")
+    assert "'model.inputs.0.shape.0'" in error_for("model.inputs=[{name: input, shape: [true, 1, 28, 28]}]")
+    assert load_recipe(None, ["stages.0.lr=0.01", "export.slim=false"]).export.slim is False   # still accepted
