@@ -52,6 +52,21 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+def _check_files(folder: Path, listed: dict[str, str]) -> None:
+    """Exactly the manifest's files, each a plain file with its recorded sha256: a link (to /etc/passwd, say) or an
+    added file is reported like a changed one, since the device would load or ship it."""
+    entries = {p.name: p for p in folder.iterdir()}
+    links = sorted(name for name, p in entries.items() if p.is_symlink())
+    extra = sorted(set(entries) - set(listed) - {MANIFEST} - set(links))
+    bad = [name for name, digest in listed.items() if name not in links and
+           (not (folder / name).is_file() or file_sha256(folder / name) != digest)]
+    problems = [f"{what}: {', '.join(names)}" for what, names in (
+        ("missing or changed since the bundle was written", bad), ("not in the manifest", extra),
+        ("symbolic links", links)) if names]
+    if problems:
+        raise TargetError(f"{folder}: {'; '.join(problems)}; rebuild the bundle with `edgesmith run`")
+
+
 def save_parity_data(folder: Path, inputs: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
     np.savez(folder / "parity_inputs.npz", **inputs)
     np.savez(folder / "parity_reference.npz", **{f"output_{i}": r for i, r in enumerate(reference)})
@@ -69,11 +84,7 @@ def verify(folder: Path) -> dict:
         raise TargetError(f"{manifest_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if manifest.get("format") != FORMAT:
         raise TargetError(f"{manifest_path}: format '{manifest.get('format')}' is not {FORMAT}")
-    bad = [name for name, digest in manifest["files"].items()
-           if not (folder / name).is_file() or file_sha256(folder / name) != digest]
-    if bad:
-        raise TargetError(f"{folder}: files missing or changed since the bundle was written: {', '.join(bad)}; "
-                          "rebuild the bundle with `edgesmith run`")
+    _check_files(folder, manifest["files"])
     profile = Profile(**manifest["profile"])
     backend = get_backend(manifest["backend"])
     result = {"bundle": str(folder), "files": len(manifest["files"]), "hashes": "ok", "backend": manifest["backend"],

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
 import tarfile
 from pathlib import Path
 
 from edgesmith.targets.backends import BackendError, DeviceUnreachable, get_backend
+from edgesmith.targets.bundle_files.edgesmith_runtime import TOKEN_ENV
 
 MEASURE_FUNCTION = "edgesmith.measure"   # registered by `edgesmith_runtime.py --rpc-server` on the device
 SESSION_TIMEOUT_S = 600                  # one candidate's upload, parity and timing on a slow board
@@ -28,7 +30,7 @@ def measure_bundle(tracker: str, key: str, bundle_dir: Path, *, warmup: int, run
     device's `edgesmith_runtime.measure`. Raises DeviceUnreachable when no such device answers, BackendError with the
     device's own message when the bundle fails there."""
     _probe(tracker)
-    remote = get_backend("tvm").rpc_session(tracker, key, SESSION_TIMEOUT_S)
+    remote = get_backend("tvm").rpc_session(tracker, key, SESSION_TIMEOUT_S, os.environ.get(TOKEN_ENV))
     try:
         measure = remote.get_function(MEASURE_FUNCTION)
     except AttributeError:

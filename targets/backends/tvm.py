@@ -176,10 +176,13 @@ def load(folder: Path, profile: Profile | None = None):
     return TVMModel(Path(folder) / ARTIFACT, list(facts["input_shapes"]), facts["batch_size"], threads)
 
 
-def rpc_session(tracker: str, key: str, session_timeout_s: float):
+def rpc_session(tracker: str, key: str, session_timeout_s: float, token: str | None = None):
     """A TVM RPC session with the device registered at `tracker` under `key`: the transport targets/device.py
-    uploads bundles through (TVM's RPC is the one every backend's device measurement uses)."""
+    uploads bundles through (TVM's RPC is the one every backend's device measurement uses). `token`: the device
+    server's shared secret, sent in TVM's handshake options (see edgesmith_runtime.serve_rpc)."""
     from tvm import rpc
+
+    from edgesmith.targets.bundle_files.edgesmith_runtime import TOKEN_ENV, TOKEN_OPTION
 
     host, port = tracker.rsplit(":", 1)
     tracker_session = rpc.connect_tracker(host, int(port))
@@ -187,6 +190,28 @@ def rpc_session(tracker: str, key: str, session_timeout_s: float):
         if key not in tracker_session.summary()["queue_info"]:
             raise DeviceUnreachable(f"no device with RPC key '{key}' at tracker {tracker}; on the device run "
                                     f"`python3 edgesmith_runtime.py --rpc-server --tracker {tracker} --key {key}`")
-        return tracker_session.request(key, session_timeout=session_timeout_s, max_retry=1)
+        url, server_port, matchkey = _request_server(tracker_session, key)
     finally:
         tracker_session.close()
+    try:
+        return rpc.connect(url, server_port, f"{matchkey} {TOKEN_OPTION}{token}" if token else matchkey,
+                           session_timeout_s)
+    except Exception as exc:   # TVM raises its own error types; the refusal's reason is in the last line
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        if any("session refused" in line for line in lines):
+            raise DeviceUnreachable(f"the device with RPC key '{key}' refused the session: missing or wrong token; "
+                                    f"set {TOKEN_ENV} to the token its server was started with") from None
+        raise
+
+
+def _request_server(tracker_session, key: str) -> tuple[str, int, str]:
+    """The address and one-time match key of a free server under `key`: TrackerSession.request's first half (TVM's
+    tracker protocol), so the connection itself can carry the token."""
+    from tvm.rpc import base
+
+    base.sendjson(tracker_session._sock, [base.TrackerCode.REQUEST, key, "", 1])
+    reply = base.recvjson(tracker_session._sock)
+    if reply[0] != base.TrackerCode.SUCCESS:
+        raise DeviceUnreachable(f"the RPC tracker gave no server for key '{key}' ({reply})")
+    url, port, matchkey = reply[1]
+    return url, int(port), matchkey

@@ -9,7 +9,9 @@ polygraphy for its buffers), never edgesmith.
   python3 edgesmith_runtime.py --rpc-server --tracker HOST:9190 --key raspberry-pi-4
                                                    # a TVM RPC server that also measures uploaded bundles
                                                    # (ONNX Runtime ones too), so `edgesmith run` chooses by
-                                                   # latency measured on this device
+                                                   # latency measured on this device; it listens on 127.0.0.1
+                                                   # (use `ssh -R`/`-L`), or on --host ADDR with --token SECRET
+                                                   # (EDGESMITH_RPC_TOKEN; the same on the host)
 
   from edgesmith_runtime import open_bundle
   model = open_bundle("path/to/bundle")             # reads manifest.json
@@ -23,6 +25,7 @@ import importlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tarfile
@@ -317,6 +320,8 @@ def register_rpc_functions() -> None:
 
     # The server serves each session in a child process; fork carries this registration into it (spawn would not).
     multiprocessing.set_start_method("fork", force=True)
+    if os.environ.get(TOKEN_ENV):
+        _require_token(os.environ[TOKEN_ENV])
 
     @tvm_ffi.register_global_func("edgesmith.measure", override=True)
     def _measure(tar_name: str, warmup: int, runs: int, batch_size: int, threads: int) -> str:
@@ -336,20 +341,77 @@ def _unpack_flat(tar_path: Path, folder: Path) -> None:
             (folder / member.name).write_bytes(archive.extractfile(member).read())
 
 
-def serve_rpc(tracker: str, key: str, host: str = "0.0.0.0", port: int = 9090) -> None:
-    """A TVM RPC server registered at `tracker` under `key` (the profile's rpc_key), able to measure bundles."""
+TOKEN_ENV = "EDGESMITH_RPC_TOKEN"
+TOKEN_OPTION = "-edgesmith-token="   # carried in TVM's handshake key: "client:<matchkey> -edgesmith-token=..."
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class ServerSetupError(ValueError):
+    """The server's options are unsafe or incomplete; the message says what to give."""
+
+
+def serve_rpc(tracker: str, key: str, host: str = "127.0.0.1", port: int = 9090, token: str | None = None) -> None:
+    """A TVM RPC server registered at `tracker` under `key` (the profile's rpc_key), able to measure bundles.
+
+    TVM's RPC has no authentication and a session may upload and load any library: whoever reaches the port runs
+    code as this user. So it listens on loopback unless told otherwise (reach it through `ssh -L`), and on any other
+    address only with a shared token, checked before a session starts."""
     from tvm import rpc
 
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if host not in LOOPBACK and not token:
+        raise ServerSetupError(f"--host {host} exposes the RPC server beyond this machine, and a session can run any "
+                               f"code: give --token (or {TOKEN_ENV}) and the same {TOKEN_ENV} to `edgesmith run`, or "
+                               "keep the default 127.0.0.1 and reach it through an SSH tunnel")
+    if token:
+        os.environ[TOKEN_ENV] = token   # the server's worker process reads it (register_rpc_functions)
     # The server runs in a worker process that imports the init callback by module name.
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, here)
     callback = importlib.import_module("edgesmith_runtime").register_rpc_functions
     tracker_host, tracker_port = tracker.rsplit(":", 1)
+    # On loopback the tracker hands clients 127.0.0.1: the host reaches it through `ssh -L PORT:127.0.0.1:PORT`.
     server = rpc.Server(host, port, port + 100, key=key, tracker_addr=(tracker_host, int(tracker_port)),
-                        server_init_callback=callback)
-    print(f"edgesmith RPC server on port {server.port}, key '{key}', tracker {tracker}", flush=True)
+                        server_init_callback=callback, custom_addr="127.0.0.1" if host in LOOPBACK else None)
+    print(f"edgesmith RPC server on {host}:{server.port}, key '{key}', tracker {tracker}, "
+          f"{'token required' if token else 'no token (loopback only)'}", flush=True)
     server.proc.join()
+
+
+def _require_token(token: str) -> None:
+    """Refuses every session whose handshake lacks the token, before TVM starts serving it: nothing of the session
+    (upload, load_module, any global function, edgesmith.measure) is reachable without it. TVM's server parses the
+    handshake options and serves accepted connections through two module functions; both are wrapped here, in the
+    server's own process."""
+    import hmac
+
+    from tvm.rpc import _ffi_api, server
+
+    parse_options, serve_session = server._parse_server_opt, server._serving
+
+    def options_with_token(options: list[str]) -> dict:
+        parsed = parse_options(options)
+        parsed["edgesmith_token"] = next((o[len(TOKEN_OPTION):] for o in options if o.startswith(TOKEN_OPTION)), "")
+        return parsed
+
+    def serve_with_token(sock, addr, options: dict, load_library) -> None:
+        if hmac.compare_digest(options.get("edgesmith_token", "").encode(), token.encode()):
+            return serve_session(sock, addr, options, load_library)
+        server.logger.warning("refused a session from %s: missing or wrong edgesmith token", addr)
+        try:
+            _ffi_api.ReturnException(sock.fileno(), f"edgesmith RPC server: session refused, missing or wrong token; "
+                                                    f"set {TOKEN_ENV} on the host to the server's token")
+            sock.shutdown(socket.SHUT_WR)   # then read what the client sent: closing with unread data resets the
+            sock.settimeout(5)              # connection, and the client would lose the reason
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    server._parse_server_opt, server._serving = options_with_token, serve_with_token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,14 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc-server", action="store_true", help="serve measurements to `edgesmith run`")
     parser.add_argument("--tracker", help="HOST:PORT of the TVM RPC tracker (with --rpc-server)")
     parser.add_argument("--key", help="RPC key: the profile's rpc_key (with --rpc-server)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the RPC server listens on")
+    parser.add_argument("--host", default="127.0.0.1", help="address the RPC server listens on (default: loopback "
+                        "only; any other address needs --token)")
+    parser.add_argument("--token", help=f"shared secret a client must present (default: ${TOKEN_ENV})")
     parser.add_argument("--port", type=int, default=9090, help="first port the RPC server tries")
     parser.add_argument("--folder", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args(argv)
     if args.rpc_server:
         if not args.tracker or not args.key:
             parser.error("--rpc-server needs --tracker HOST:PORT and --key KEY")
-        serve_rpc(args.tracker, args.key, args.host, args.port)
+        try:
+            serve_rpc(args.tracker, args.key, args.host, args.port, args.token)
+        except ServerSetupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.measure:
         print(json.dumps(measure(args.folder)))

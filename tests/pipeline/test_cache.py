@@ -131,3 +131,16 @@ def test_a_full_disk_is_one_line_and_leaves_the_cache_consistent(tmp_path):
     assert "Traceback" not in done.stderr
     assert "ENTRY" in done.stdout, "the disk filled before any step committed: nothing to check"
     assert "CORRUPT" not in done.stdout and done.stdout.split()[-1] == "0"   # no temporary folders left
+
+
+def test_two_runs_sharing_a_cache_train_once(tmp_path):
+    sets = [arg for item in FAST for arg in ("--set", item)]
+    runs = [subprocess.Popen([sys.executable, "-m", "edgesmith", "run", *sets, "--out", str(tmp_path / name),
+                              "--cache-dir", str(tmp_path / "cache")], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    errors = [proc.communicate(timeout=600)[1] for proc in runs]
+    assert [proc.returncode for proc in runs] == [0, 0], errors
+    built = [step["kind"] for name in ("a", "b")
+             for step in json.loads((tmp_path / name / "manifest.json").read_text())["steps"] if not step["cached"]]
+    assert built.count("train") == 1 and built.count("model") == 1 and built.count("export") == 1, built
+    assert any("being built by another run; waiting" in err for err in errors)

@@ -80,8 +80,16 @@ def test_bundle_verify_cli_catches_a_changed_file(device_run, tmp_path):
     with open(copy / "model.onnx", "ab") as handle:
         handle.write(b"\0")
     proc = edgesmith("bundle", "verify", str(copy))
-    assert proc.returncode == 2 and "files missing or changed since the bundle was written: model.onnx" in proc.stderr
+    assert proc.returncode == 2 and "missing or changed since the bundle was written: model.onnx" in proc.stderr
     assert edgesmith("bundle", "verify", str(tmp_path)).returncode == 2   # no manifest
+
+    shutil.rmtree(copy)
+    shutil.copytree(out / "bundles/raspberry-pi-4", copy)
+    (copy / "passwd").symlink_to("/etc/passwd")
+    (copy / "notes.txt").write_text("added after the build")
+    proc = edgesmith("bundle", "verify", str(copy))
+    assert proc.returncode == 2 and "hashes" not in proc.stdout
+    assert "not in the manifest: notes.txt" in proc.stderr and "symbolic links: passwd" in proc.stderr
 
 
 def test_the_bundled_runtime_runs_standalone(device_run):
