@@ -18,6 +18,7 @@ from edgesmith.targets.backends import BUNDLE_FILES, get_backend
 MANIFEST = "manifest.json"
 FORMAT = "edgesmith-bundle/1"
 RUNTIME = "edgesmith_runtime.py"
+RPC_SERVER = "edgesmith_rpc.py"   # `edgesmith_runtime.py --rpc-server` on a board: every bundle can serve measurements
 _SKIP = ("sidecar.json",)   # cache bookkeeping
 
 
@@ -30,7 +31,7 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
             shutil.copy2(src, folder / src.name)
     for name in ("parity_inputs.npz", "parity_reference.npz"):
         shutil.copy2(candidate.checked.artifact / name, folder / name)
-    for name in {RUNTIME, *backend.loader_files(profile)}:
+    for name in {RUNTIME, RPC_SERVER, *backend.loader_files(profile)}:
         shutil.copy2(BUNDLE_FILES / name, folder / name)
     compile_facts = candidate.compiled.facts["compile"]
     manifest = {

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from edgesmith.targets.backends import BackendError, DeviceUnreachable, get_backend
-from edgesmith.targets.bundle_files.edgesmith_runtime import TOKEN_ENV
+from edgesmith.targets.bundle_files.edgesmith_rpc import TOKEN_ENV
 
 MEASURE_FUNCTION = "edgesmith.measure"   # registered by `edgesmith_runtime.py --rpc-server` on the device
 SESSION_TIMEOUT_S = 600                  # one candidate's upload, parity and timing on a slow board

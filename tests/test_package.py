@@ -17,7 +17,8 @@ ALLOWED = {"pipeline": {"pipeline", "models", "targets", "benchmarks"}, "models"
 LEAVES = {"edgesmith", "edgesmith.errors", "edgesmith.config_files"}
 # The only files that may import the toolchains: their backends, and the standalone scripts that ship in bundles and
 # run on the device (never imported by edgesmith for their toolchain parts).
-TOOLCHAIN_FILES = {"tvm": {"targets/backends/tvm.py", "targets/bundle_files/edgesmith_runtime.py"},
+TOOLCHAIN_FILES = {"tvm": {"targets/backends/tvm.py", "targets/bundle_files/edgesmith_runtime.py",
+                           "targets/bundle_files/edgesmith_rpc.py"},
                    "tensorrt": {"targets/backends/tensorrt.py", "targets/bundle_files/build_tensorrt_engine.py",
                                 "targets/bundle_files/edgesmith_runtime.py"}}
 MAX_LINES = 400

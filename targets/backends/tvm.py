@@ -179,10 +179,10 @@ def load(folder: Path, profile: Profile | None = None):
 def rpc_session(tracker: str, key: str, session_timeout_s: float, token: str | None = None):
     """A TVM RPC session with the device registered at `tracker` under `key`: the transport targets/device.py
     uploads bundles through (TVM's RPC is the one every backend's device measurement uses). `token`: the device
-    server's shared secret, sent in TVM's handshake options (see edgesmith_runtime.serve_rpc)."""
+    server's shared secret, sent in TVM's handshake options (see edgesmith_rpc.serve_rpc)."""
     from tvm import rpc
 
-    from edgesmith.targets.bundle_files.edgesmith_runtime import TOKEN_ENV, TOKEN_OPTION
+    from edgesmith.targets.bundle_files.edgesmith_rpc import TOKEN_ENV, TOKEN_OPTION
 
     host, port = tracker.rsplit(":", 1)
     tracker_session = rpc.connect_tracker(host, int(port))

@@ -10,7 +10,7 @@ import pytest
 import tvm.rpc
 
 from edgesmith.targets.backends import BUNDLE_FILES, get_backend
-from edgesmith.targets.bundle_files.edgesmith_runtime import TOKEN_ENV
+from edgesmith.targets.bundle_files.edgesmith_rpc import TOKEN_ENV
 from edgesmith.targets.device import DeviceUnreachable, measure_bundle
 from tests.conftest import free_port, rpc_device
 from tests.targets.bundle_files.test_edgesmith_runtime import _ort_bundle

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from edgesmith.targets.bundle_files import edgesmith_rpc
 from edgesmith.targets.bundle_files import edgesmith_runtime as runtime
 from edgesmith.targets.bundle_files.edgesmith_runtime import measure
 from tests.targets.conftest import example_inputs
@@ -80,9 +81,9 @@ def test_uploaded_bundles_must_be_flat_plain_files(tmp_path):
             tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
         return path
 
-    runtime._unpack_flat(archive("model.onnx", b"onnx"), tmp_path / "ok")
+    edgesmith_rpc._unpack_flat(archive("model.onnx", b"onnx"), tmp_path / "ok")
     assert (tmp_path / "ok/model.onnx").read_bytes() == b"onnx"
     for bad in (archive("../escape.txt"), archive("sub/file.txt"), archive("link", kind=tarfile.SYMTYPE)):
         with pytest.raises(ValueError, match="not a plain bundle file"):
-            runtime._unpack_flat(bad, tmp_path / "refused")
+            edgesmith_rpc._unpack_flat(bad, tmp_path / "refused")
     assert not (tmp_path / "escape.txt").exists()
