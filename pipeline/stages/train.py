@@ -42,7 +42,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
     `extra_parameters` train alongside the model (distillation adapters); `before_step(step, epoch)` runs
     before every optimizer step (a pruning schedule)."""
     if not data.labelled:
-        raise DataError(f"{label} needs labelled data; data 'synthetic' has none (use it for latency-only runs)")
+        raise DataError(f"{label} needs labelled data; data '{data.name}' has no labels: give labels (a y array, "
+                        "class sub-folders) or drop the training stages (export, PTQ and compile need none)")
     objective = objective or cross_entropy(cfg)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
