@@ -6,6 +6,12 @@ BackendError, UnknownModelError) without importing the pipeline.
 """
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty): tools raise pages, users get one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 class EdgesmithError(Exception):
     """Base of every error a user can cause and fix."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgesmith.errors import DataError
+from edgesmith.errors import DataError, first_line
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.config import DataConfig
 
@@ -201,7 +201,7 @@ def _npz(cfg: DataConfig, specs) -> Loaded:
 def _factory(cfg: DataConfig, specs) -> Loaded:
     """The user's function returns {input name: array (N, ...)} with an optional "y", or yields samples: one dict
     per sample, or (dict, target) pairs. Arrays may be numpy or torch."""
-    from edgesmith.pipeline.user_code import first_line, resolve_callable
+    from edgesmith.pipeline.user_code import resolve_callable
 
     function = resolve_callable(cfg.factory, "data.factory", DataError)
     try:

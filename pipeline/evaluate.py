@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgesmith.errors import DataError, ModelError
+from edgesmith.errors import DataError, ModelError, first_line
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.data import Dataset
 
@@ -100,8 +100,7 @@ def _open_onnx(path: Path, specs: tuple[InputSpec, ...]):
     try:
         runner = OrtRunner(path)
     except Exception as exc:   # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"'{path}' cannot be loaded by ONNX Runtime: {first}") from exc
+        raise ModelError(f"'{path}' cannot be loaded by ONNX Runtime: {first_line(exc)}") from exc
     takes = [{"name": i.name, "dtype": _ORT_DTYPES.get(i.type, i.type),
               "shape": [d if isinstance(d, int) else 1 for d in i.shape],
               "dynamic_axes": {str(a): str(d) for a, d in enumerate(i.shape) if not isinstance(d, int)}}

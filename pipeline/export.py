@@ -12,13 +12,14 @@ import onnx
 import torch
 import torch.nn as nn
 
-from edgesmith.errors import ExportError, ParityError
+from edgesmith.errors import ExportError, ParityError, first_line
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.config import ExportConfig, ParityConfig
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import feeds
 from edgesmith.pipeline.progress import quiet
 from edgesmith.targets.backends.onnxruntime import OrtRunner
+from edgesmith.targets.bundle_files.edgesmith_runtime import nonfinite_count
 
 EXAMPLE_BATCH = 2  # ≥ 2: with batch 1 the exporter may specialise the batch axis (DESIGN.md §3)
 
@@ -61,7 +62,7 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
         onnx.checker.check_model(str(tmp), full_check=True)
     except onnx.checker.ValidationError as exc:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"exported ONNX fails onnx.checker: {_first_line(exc)}") from None
+        raise ExportError(f"exported ONNX fails onnx.checker: {first_line(exc)}") from None
     try:
         _check_batch_really_dynamic(tmp, specs)
     except ExportError:
@@ -119,7 +120,7 @@ def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[
 
 def _refuse_nonfinite(outputs: np.ndarray, whose: str, offset: int) -> None:
     """NaN slips through max() and every comparison: a model whose outputs are all NaN would pass."""
-    bad = np.size(outputs) - np.count_nonzero(np.isfinite(outputs))
+    bad = nonfinite_count([outputs])
     if bad:
         first = offset + int(np.argwhere(~np.isfinite(outputs))[0][0])
         raise ParityError(f"parity gate failed: {whose} outputs hold {bad} NaN/Inf value(s) (first in validation "
@@ -148,7 +149,7 @@ def _check_batch_really_dynamic(path: Path, specs: tuple[InputSpec, ...]) -> Non
         outputs = OrtRunner(path)({s.name: s.example(probe).numpy() for s in specs})
     except Exception as exc:  # ORT raises its own exception types for shape errors
         raise ExportError(f"exported model fails at batch {probe} although its batch axis is dynamic: "
-                          f"{_first_line(exc)}; the model hard-codes the traced batch size") from None
+                          f"{first_line(exc)}; the model hard-codes the traced batch size") from None
     if outputs[0].shape[0] != probe:
         raise ExportError(f"exported model returns batch {outputs[0].shape[0]} for an input batch of {probe}: "
                           "the model hard-codes the traced batch size (check reshapes that use fixed sizes)")
@@ -170,15 +171,10 @@ def _export_cause(exc: BaseException) -> str:
     text = _ANSI.sub("", str(exc))
     summary = text.partition("## Exception summary")[2].strip()
     if not summary:
-        return _first_line(exc)
+        return first_line(exc)
     cause = summary.splitlines()[0].split(">: ", 1)[-1].strip()
     where = re.search(r"The following call raised this error:\n\s*File \"([^\"]+)\", line (\d+).*\n\s*(.+)", text)
     location = f" at {where[1]}:{where[2]} `{where[3].strip()}`" if where else ""
     data_dependent = "data-dependent" in cause
     return (("the model branches on a tensor's value, which torch.export cannot trace: " if data_dependent else "")
             + cause[:300] + location)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

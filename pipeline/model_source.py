@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from edgesmith import models
-from edgesmith.errors import ModelError
+from edgesmith.errors import ModelError, first_line
 from edgesmith.models import InputSpec, input_spec_of
 from edgesmith.pipeline.checkpoint import apply_state_dict, read_state_dict
 from edgesmith.pipeline.config import ModelConfig
-from edgesmith.pipeline.user_code import first_line, resolve_callable, source_sha256
+from edgesmith.pipeline.user_code import resolve_callable, source_sha256
 
 WEIGHTS = "model.safetensors"
 ARCH = "arch.json"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from edgesmith.errors import EdgesmithError
+from edgesmith.errors import EdgesmithError, first_line
 
 
 def resolve_callable(ref: str, field: str, error: type[EdgesmithError]) -> Callable:
@@ -57,7 +57,3 @@ def source_sha256(function: Callable) -> str:
     except (TypeError, OSError):
         source = repr(function).encode()
     return hashlib.sha256(source).hexdigest()
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from edgesmith.errors import ModelError
+from edgesmith.errors import ModelError, first_line
 from edgesmith.pipeline.config import FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import model_size
@@ -60,7 +60,7 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
             round_to=cfg.round_to or ctx.channel_multiple,
             num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio=cfg.ratio)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"prune: Torch-Pruning cannot trace the model's graph ({str(exc).splitlines()[0][:200]}); "
+        raise ModelError(f"prune: Torch-Pruning cannot trace the model's graph ({first_line(exc, 200)}); "
                          "add the module it names to prune.ignored_layers") from None
     history = []
     for step in range(cfg.iterative_steps):

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from edgesmith.errors import ExportError
+from edgesmith.errors import ExportError, first_line
 from edgesmith.pipeline.config import QuantScheme, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import feeds
@@ -53,7 +53,7 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
                             weight_type=weight, calibrate_method=method, extra_options=extra,
                             calibration_cache_path=Path(tmp) / "calibration")
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({str(exc).splitlines()[0][:200]})") \
+            raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({first_line(exc, 200)})") \
                 from None
     check_scheme(out_path, scheme)
     return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration,

@@ -14,7 +14,7 @@ import torch.nn as nn
 from pydantic import Field
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from edgesmith.errors import ModelError
+from edgesmith.errors import ModelError, first_line
 from edgesmith.pipeline.config import DistillConfig, ExportConfig, QuantScheme, TrainingConfig
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.export import check_parity, export_onnx
@@ -134,7 +134,7 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
                                       preset=preset, subset_size=max(1, cfg.calibration_samples // 32),
                                       advanced_parameters=per_tensor)
     except (RuntimeError, ValueError, TypeError, nncf.ValidationError) as exc:
-        raise ModelError(f"qat: NNCF cannot quantize the model ({str(exc).splitlines()[0][:200]})") from None
+        raise ModelError(f"qat: NNCF cannot quantize the model ({first_line(exc, 200)})") from None
     if scheme != "ort-x86":
         for quantizer in _quantizers(quantized):
             if hasattr(quantizer, "signed") and not quantizer.signed:
