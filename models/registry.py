@@ -76,4 +76,4 @@ def input_spec_of(model: nn.Module) -> tuple[InputSpec, ...] | None:
 
 def _load_builtin_models() -> None:
     # Imported lazily so `models.registry` has no import cycle with the definitions that use `register`.
-    from edgesmith.models import mnist_cnn, mobilenet_v2, resnet, tiny_transformer  # noqa: F401
+    from edgesmith.models import mnist_cnn, mobilenet_v2, resnet, tiny_transformer, unet  # noqa: F401

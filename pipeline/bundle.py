@@ -12,8 +12,10 @@ import numpy as np
 
 from edgesmith.errors import TargetError
 from edgesmith.pipeline.cache import file_sha256
+from edgesmith.pipeline.fidelity import save_outputs
 from edgesmith.targets import Profile
 from edgesmith.targets.backends import BUNDLE_FILES, get_backend
+from edgesmith.targets.bundle_files.edgesmith_runtime import FIDELITY_REFERENCE
 
 MANIFEST = "manifest.json"
 FORMAT = "edgesmith-bundle/1"
@@ -29,7 +31,7 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
     for src in candidate.compiled.artifact.iterdir():
         if src.name not in _SKIP:
             shutil.copy2(src, folder / src.name)
-    for name in ("parity_inputs.npz", "parity_reference.npz"):
+    for name in ("parity_inputs.npz", "parity_reference.npz", FIDELITY_REFERENCE):
         shutil.copy2(candidate.checked.artifact / name, folder / name)
     for name in {RUNTIME, RPC_SERVER, *backend.loader_files(profile)}:
         shutil.copy2(BUNDLE_FILES / name, folder / name)
@@ -42,6 +44,8 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
         "parity": {"host": candidate.host_parity, "device": candidate.device_parity,
                    "tolerance": candidate.checked.facts["tolerance"],
                    "reference": "ONNX Runtime (CPU) on the source ONNX, on the build host"},
+        # what compression cost: against the model as it entered the first compression stage (fidelity_reference.npz)
+        "fidelity": candidate.fidelity,
         "latency_ms": candidate.latency,
         "latency_measured_on": candidate.measured_on,
         "device": candidate.device["device"] if candidate.device else None,
@@ -68,9 +72,12 @@ def _check_files(folder: Path, listed: dict[str, str]) -> None:
         raise TargetError(f"{folder}: {'; '.join(problems)}; rebuild the bundle with `edgesmith run`")
 
 
-def save_parity_data(folder: Path, inputs: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
+def save_parity_data(folder: Path, inputs: dict[str, np.ndarray], reference: list[np.ndarray],
+                     original: list[np.ndarray]) -> None:
+    """The parity inputs, the source ONNX's outputs for them (parity), and the reference model's (fidelity)."""
     np.savez(folder / "parity_inputs.npz", **inputs)
-    np.savez(folder / "parity_reference.npz", **{f"output_{i}": r for i, r in enumerate(reference)})
+    save_outputs(folder / "parity_reference.npz", reference)
+    save_outputs(folder / FIDELITY_REFERENCE, original)
 
 
 def verify(folder: Path) -> dict:

@@ -66,6 +66,8 @@ class DataConfig(Strict):
     path: Path | None = None
     factory: str | None = None      # "file.py:function" or "package.module:function" (name: factory)
     kwargs: dict[str, Any] = {}     # passed to the factory
+    # mnist5k and digits: `classes` (0-9), `masks` (per-pixel: the digit's strokes, for segmenters) or `none`
+    targets: Literal["classes", "masks", "none"] = "classes"
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 0
     samples: int = Field(default=256, ge=1)   # synthetic: how many random inputs
@@ -81,6 +83,9 @@ class DataConfig(Strict):
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"data.factory '{self.factory}' must look like 'package.module:function' "
                              "or 'path/to/file.py:function'")
+        if self.targets != "classes" and self.name not in ("mnist5k", "digits"):
+            raise ValueError(f"data.targets applies to the built-in mnist5k and digits; data '{self.name}' brings its "
+                             "own labels (or none)")
         return self
 
 
@@ -98,9 +103,12 @@ class TrainingConfig(Strict):
 
 
 class DistillConfig(Strict):
-    """Loss = alpha·T²·KL(softmax(student/T) ‖ softmax(teacher/T)) + (1 − alpha)·cross-entropy."""
+    """Per output: `kl` = T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (classes), `mse` (score maps, boxes, any
+    dense output), `cosine` = 1 − cosine similarity per sample (embeddings); `auto`: kl for (batch, classes)
+    outputs, mse otherwise. With class labels the loss is alpha·distillation + (1 − alpha)·cross-entropy."""
     alpha: float = Field(default=0.7, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
+    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
 
 
 class FinetuneConfig(TrainingConfig):
@@ -128,6 +136,9 @@ class ParityConfig(Strict):
     # The bound catches a broken export (a wrong scale, a missing quantizer); top-1 agreement is the main gate.
     int8_max_rel_diff: float = Field(default=0.5, gt=0)
     int8_min_top1_agreement: float = Field(default=0.97, ge=0, le=1)   # measured 0.988 on a 1-epoch mobilenet_v2
+    # Every INT8 file (QAT or PTQ) against the FP32 model it quantizes, on validation inputs: the worst output's
+    # mean cosine similarity. Top-1 agreement is gated too where the task metric is top-1.
+    int8_min_cosine: float = Field(default=0.98, ge=-1, le=1)
     min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
     samples: int = Field(default=256, ge=1)
 
@@ -169,7 +180,31 @@ class CompileConfig(Strict):
     rpc_tracker: str | None = Field(default=None, pattern=r"^[^:\s]+:\d{1,5}$")
 
 
+class FidelityBound(Strict):
+    """Lowest acceptable fidelity to the reference model (the model as it entered the first compression stage)."""
+    cosine: float | None = Field(default=None, ge=-1, le=1)
+    psnr_db: float | None = None
+
+
 class BudgetConfig(Strict):
-    max_accuracy_drop: float | None = Field(default=None, ge=0)   # points, against the uncompressed model
+    max_accuracy_drop: float | None = Field(default=None, ge=0)   # the metric's points, against the uncompressed model
+    min_fidelity: FidelityBound | None = None
+
+
+class MetricFunction(Strict):
+    """A user's task metric: `fn(outputs, targets) -> float`, higher is better. `outputs`: the model's output tensor
+    (a tuple for several) over the validation split; `targets`: the labels (None for unlabelled data)."""
+    fn: str
+
+    @field_validator("fn")
+    @classmethod
+    def _reference(cls, fn: str) -> str:
+        if ":" not in fn:
+            raise ValueError(f"metric.fn '{fn}' must look like 'path/to/file.py:function' or 'package.module:function'")
+        return fn
+
+
+# `auto`: top-1 accuracy where there are class labels and the output is (batch, classes); otherwise none
+Metric = Literal["auto", "top1", "none"] | MetricFunction
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -14,6 +15,7 @@ from edgesmith.models import InputSpec
 from edgesmith.pipeline import report
 from edgesmith.pipeline.cache import Store, atomic_write_text
 from edgesmith.pipeline.data import Dataset, load_dataset
+from edgesmith.pipeline.evaluate import TaskMetric
 from edgesmith.pipeline.recipe import Recipe
 from edgesmith.pipeline.steps import Metrics, Step, Steps
 from edgesmith.pipeline.user_code import resolve_callable, source_sha256
@@ -32,6 +34,9 @@ class RunContext:
     rows: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     onnx_steps: dict[str, Step] = field(default_factory=dict)   # a model step's key → its ONNX step
+    outputs_steps: dict[str, Step] = field(default_factory=dict)   # a step's key → its outputs step
+    reference: Step | None = None      # outputs of the reference model: what every row's fidelity is measured against
+    int8_rejected: dict[str, str] = field(default_factory=dict)   # scheme → why its INT8 file failed the gate
     _data: Dataset | None = None
 
     @classmethod
@@ -80,6 +85,16 @@ class RunContext:
             cfg["source"] = source_sha256(resolve_callable(data.factory, "data.factory", DataError))
         return cfg
 
+    @functools.cached_property
+    def task_metric(self) -> TaskMetric:
+        return TaskMetric.from_recipe(self.recipe.metric)
+
+    def metric_key(self) -> dict | str:
+        """The metric as a cache key part: its name, and its file's source for a user's function."""
+        metric = self.task_metric
+        return metric.name if metric.function is None else {"fn": metric.name,
+                                                             "source": source_sha256(metric.function)}
+
     @staticmethod
     def io_spec(step: Step) -> dict:
         return json.loads((step.artifact / IO_SPEC).read_text())
@@ -90,9 +105,10 @@ class RunContext:
     def row(self, stage: str, metrics: Metrics, *, target: str | None = None, backend: str | None = None,
             status: str | None = None) -> None:
         """One results row; a compression stage's row is checked against the accuracy budget at once."""
-        self.rows.append(report.row(stage, metrics, target=target, backend=backend, status=status))
+        self.rows.append({**report.row(stage, metrics, target=target, backend=backend, status=status),
+                          "metric": self.task_metric.name})
         if target is None:
-            report.check_budget(self.rows, self.recipe.budget.max_accuracy_drop)
+            report.check_budget(self.rows, self.recipe.budget)
 
     @contextlib.contextmanager
     def reporting(self):

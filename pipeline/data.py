@@ -49,8 +49,10 @@ class Dataset:
         for start in range(0, len(split), batch_size):
             idx = order[start:start + batch_size]
             xs = tuple(x[idx] for x in split.x)
+            # geometric jitter of the inputs would misalign per-pixel targets (masks)
+            jitter = augment and (split.y is None or split.y.ndim == 1)
             if not self.prepared:
-                xs = tuple(prepare(x, spec, augment=augment, generator=generator) for x, spec in zip(xs, self.specs))
+                xs = tuple(prepare(x, spec, augment=jitter, generator=generator) for x, spec in zip(xs, self.specs))
             yield xs, (split.y[idx] if split.y is not None else None)
 
 
@@ -104,6 +106,8 @@ def load_dataset(cfg: DataConfig, specs: tuple[InputSpec, ...]) -> Dataset:
     if cfg.name == "synthetic":
         return _synthetic(cfg, specs)
     xs, y = _LOADERS[cfg.name](cfg, specs)
+    if cfg.name in _BUILT_IN_IMAGES:
+        y = _built_in_targets(cfg, xs[0], y, specs)
     _check_inputs(cfg, xs, y, specs)
     train, val = _split(xs, y, cfg.val_fraction, cfg.seed)
     return Dataset(cfg.name, train, val, specs)
@@ -140,6 +144,24 @@ def _mnist5k(cfg: DataConfig, specs) -> Loaded:
 
     x, y = mnist_data()
     return (torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28),), torch.from_numpy(y).long()
+
+
+_BUILT_IN_IMAGES = ("mnist5k", "digits")
+MASK_THRESHOLD = 0.5   # of the raw [0, 1] image: a digit's strokes against the background
+
+
+def _built_in_targets(cfg: DataConfig, images: torch.Tensor, classes: torch.Tensor, specs) -> torch.Tensor | None:
+    """The built-in digits' targets: their classes, per-pixel masks of the strokes (segmentation, from the real
+    images), or none (label-free compression)."""
+    if cfg.targets == "classes":
+        return classes
+    if cfg.targets == "none":
+        return None
+    size = tuple(images.shape[2:])
+    if specs[0].is_image and tuple(specs[0].shape[2:]) != size:
+        raise DataError(f"data '{cfg.name}' with targets: masks gives {size[0]}×{size[1]} masks; the model takes "
+                        f"{specs[0].shape[2]}×{specs[0].shape[3]} images: set model.kwargs.image_size: {size[0]}")
+    return (images[:, 0] > MASK_THRESHOLD).long()
 
 
 def _digits(cfg: DataConfig, specs) -> Loaded:

@@ -19,12 +19,13 @@ from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
 from edgesmith.pipeline.context import ONNX_FILE, RunContext
 from edgesmith.pipeline.evaluate import feeds
+from edgesmith.pipeline.fidelity import OUTPUTS_FILE
 from edgesmith.pipeline.progress import info, warn
 from edgesmith.pipeline.steps import Built, Metrics, Step
 from edgesmith.pipeline.versions import tool_versions
 from edgesmith.targets import Profile, device
 from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable, get_backend
-from edgesmith.targets.bundle_files.edgesmith_runtime import compare, device_facts
+from edgesmith.targets.bundle_files.edgesmith_runtime import compare, device_facts, fidelity, read_outputs
 
 NOT_MEASURED = "not measured"
 
@@ -52,6 +53,11 @@ class Candidate:
     def parity(self) -> dict | None:
         """Where the artifact was run: on the device if it was, else on this host (None: run nowhere yet)."""
         return self.device_parity or self.host_parity
+
+    @property
+    def fidelity(self) -> dict | None:
+        """Against the reference model's outputs on the parity inputs, where the artifact was run."""
+        return (self.parity or {}).get("fidelity")
 
     @property
     def latency(self) -> dict | None:
@@ -103,8 +109,10 @@ def onnx_label(step) -> str:
     return "export" if step.kind == "export" else f"{step.kind}:{step.metrics.scheme}"
 
 
-def candidates(profile: Profile, cfg: CompileConfig, fp32, int8: dict) -> list[Candidate]:
-    """Backends in the profile's order × precisions in the recipe's order: the preference order."""
+def candidates(profile: Profile, cfg: CompileConfig, fp32, int8: dict, int8_rejected: dict[str, str] | None = None) \
+        -> list[Candidate]:
+    """Backends in the profile's order × precisions in the recipe's order: the preference order. An INT8 file that
+    failed its fidelity gate (`int8_rejected`) gives no candidate a source."""
     found = []
     for backend in profile.backends:
         offered = get_backend(backend).precisions(profile)
@@ -114,14 +122,18 @@ def candidates(profile: Profile, cfg: CompileConfig, fp32, int8: dict) -> list[C
             source = int8.get(profile.quant_scheme) if precision == "int8" else fp32
             candidate = Candidate(backend, precision, source)
             if source is None:
-                candidate.status, candidate.reason = "skipped", "no INT8 model: the recipe has no qat/ptq stage"
+                rejected = (int8_rejected or {}).get(profile.quant_scheme)
+                candidate.status, candidate.reason = "skipped", (
+                    "the INT8 file failed its fidelity gate" if rejected
+                    else "no INT8 model: the recipe has no qat/ptq stage")
             found.append(candidate)
     return found
 
 
-def tolerance(cfg: CompileConfig, precision: str) -> dict:
+def tolerance(cfg: CompileConfig, precision: str, *, top1: bool) -> dict:
+    """`top1`: the outputs are class scores; top-1 agreement says nothing of an embedding or a score map."""
     return {"max_rel_diff": cfg.max_rel_diff.get(precision, cfg.max_rel_diff["fp32"]),
-            "min_top1_agreement": cfg.min_top1_agreement}
+            "min_top1_agreement": cfg.min_top1_agreement if top1 else None}
 
 
 def choose(found: list[Candidate]) -> Candidate | None:
@@ -182,7 +194,7 @@ def target_step(ctx: RunContext, profile: Profile, fp32: Step, int8: dict[str, S
     """Every backend × precision the profile and recipe allow; the chosen one becomes bundles/<profile>/.
     Returns why the target has no usable candidate (None when it has one), so other targets still run."""
     recipe = ctx.recipe
-    found = candidates(profile, recipe.compile, fp32, int8)
+    found = candidates(profile, recipe.compile, fp32, int8, ctx.int8_rejected)
     for candidate in found:
         if candidate.status == "pending":
             _compile_and_check(ctx, profile, candidate)
@@ -191,7 +203,8 @@ def target_step(ctx: RunContext, profile: Profile, fp32: Step, int8: dict[str, S
                           lambda folder, c: _write_bundle(ctx, folder, profile, c))
     chosen = choose(found)
     for c in found:
-        measured = Metrics(precision=c.precision, parity=c.parity, latency_ms=c.latency, measured_on=c.measured_on)
+        measured = Metrics(precision=c.precision, parity=c.parity, fidelity=c.fidelity, latency_ms=c.latency,
+                           measured_on=c.measured_on)
         ctx.row(onnx_label(c.source) if c.source else "-", (c.source.metrics if c.source else Metrics()).merged(
             measured), target=profile.name, backend=c.backend,
             status=c.status if not c.reason else f"{c.status}: {c.reason}")
@@ -236,7 +249,7 @@ def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_he
     """Parity of the compiled artifact against ONNX Runtime on its source ONNX (where it runs here) and its
     latency (only where the device is this machine). The parity inputs and references go into the bundle."""
     cfg = ctx.recipe.compile
-    limits = tolerance(cfg, candidate.precision)
+    limits = tolerance(cfg, candidate.precision, top1=ctx.reference.facts["top1"])
     measure_here = runs_here and profile.is_host
     specs = ctx.specs(candidate.source)
 
@@ -245,11 +258,13 @@ def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_he
         xs, _ = next(data.batches(data.val, cfg.parity_samples))
         inputs = feeds(xs, specs)
         reference = get_backend("onnxruntime").load(candidate.source.artifact / ONNX_FILE)(inputs)
-        bundle.save_parity_data(tmp, inputs, reference)
+        original = [o[:len(xs[0])] for o in read_outputs(ctx.reference.artifact / OUTPUTS_FILE)]
+        bundle.save_parity_data(tmp, inputs, reference, original)
         parity, metrics = None, Metrics()
         if runs_here:
             runner = get_backend(candidate.backend).load(candidate.compiled.artifact, profile)
-            parity = compare(runner(inputs), reference, limits)
+            outputs = runner(inputs)
+            parity = {**compare(outputs, reference, limits), "fidelity": fidelity(outputs, original)}
             if measure_here and parity["passed"]:
                 metrics = Metrics(latency_ms=time_runner(runner, specs, ctx.recipe.bench).to_dict(),
                                   measured_on=host_description())
@@ -257,6 +272,7 @@ def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_he
 
     return ctx.steps.run("check", f"check {profile.name} {candidate.label}", {
         "compiled": candidate.compiled.key, "data": ctx.data_key(), "samples": cfg.parity_samples,
+        "reference": ctx.reference.key,
         "tolerance": limits, "bench": ctx.recipe.bench.model_dump(mode="json"), "runs_here": runs_here,
         "host": host_description() if measure_here else None}, build)
 

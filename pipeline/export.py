@@ -16,18 +16,19 @@ from edgesmith.errors import ExportError, ParityError, first_line
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.config import ExportConfig, ParityConfig
 from edgesmith.pipeline.data import Dataset
-from edgesmith.pipeline.evaluate import feeds
+from edgesmith.pipeline.evaluate import onnx_outputs, torch_outputs
+from edgesmith.pipeline.fidelity import collect_outputs
+from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import quiet
 from edgesmith.targets.backends.onnxruntime import OrtRunner
-from edgesmith.targets.bundle_files.edgesmith_runtime import nonfinite_count
+from edgesmith.targets.bundle_files.edgesmith_runtime import fidelity, nonfinite_count
 
 EXAMPLE_BATCH = 2  # ≥ 2: with batch 1 the exporter may specialise the batch axis (DESIGN.md §3)
 
 
 def output_names(model: nn.Module, specs: tuple[InputSpec, ...]) -> list[str]:
     with torch.inference_mode():
-        out = model(*(s.example(EXAMPLE_BATCH) for s in specs))
-    count = len(out) if isinstance(out, (tuple, list)) else 1
+        count = len(output_tensors(model(*(s.example(EXAMPLE_BATCH) for s in specs))))
     return ["logits"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
@@ -87,42 +88,36 @@ def write_io_spec(path: Path, specs: tuple[InputSpec, ...], outputs: list[str]) 
 
 
 def check_parity(model: nn.Module, onnx_path: Path, data: Dataset, specs: tuple[InputSpec, ...],
-                 cfg: ParityConfig, batch_size: int, *, int8: bool = False) -> dict:
+                 cfg: ParityConfig, batch_size: int, *, int8: bool = False, top1: bool = False) -> dict:
     """ONNX Runtime vs torch on real validation inputs; raises ParityError past the recipe's tolerance.
-    `int8`: a fake-quant model vs its Q/DQ file, bounded relative to the largest |output| instead."""
-    runner = OrtRunner(onnx_path)
-    max_diff, max_reference, agree, seen = 0.0, 0.0, 0, 0
-    with torch.inference_mode():
-        for xs, _ in data.batches(data.val, batch_size):
-            if seen >= cfg.samples:
-                break
-            reference = model(*xs)
-            reference = (reference[0] if isinstance(reference, (tuple, list)) else reference).numpy()
-            actual = runner(feeds(xs, specs))[0]
-            _refuse_nonfinite(reference, "the torch model's", seen)
-            _refuse_nonfinite(actual, "ONNX Runtime's", seen)
-            max_diff = max(max_diff, float(np.max(np.abs(reference - actual))))
-            max_reference = max(max_reference, float(np.max(np.abs(reference))))
-            agree += int((reference.argmax(-1) == actual.argmax(-1)).sum())
-            seen += len(reference)
-    relative = max_diff / max(max_reference, 1e-12)
-    result = {"samples": seen, "max_abs_diff": max_diff, "max_rel_diff": relative, "top1_agreement": agree / seen,
-              "tolerance": cfg.model_dump()}
+    `int8`: a fake-quant model vs its Q/DQ file, bounded relative to the largest |output| instead. `top1`: the
+    outputs are class scores, so top-1 agreement is gated too (it is meaningless for embeddings or score maps)."""
+    reference = collect_outputs(torch_outputs(model), data, cfg.samples, batch_size)
+    actual = collect_outputs(onnx_outputs(OrtRunner(onnx_path), specs), data, cfg.samples, batch_size)
+    _refuse_nonfinite(reference, "the torch model's")
+    _refuse_nonfinite(actual, "ONNX Runtime's")
+    figures = fidelity(actual, reference)
+    relative = figures["max_abs_diff"] / max(max(float(np.max(np.abs(r))) for r in reference), 1e-12)
+    agreement = figures.get("top1_agreement")
+    result = {**figures, "max_rel_diff": relative, "top1_agreement": agreement, "tolerance": cfg.model_dump()}
     measured, allowed, what = ((relative, cfg.int8_max_rel_diff, "max |torch−onnx| / max |output|") if int8
-                               else (max_diff, cfg.max_abs_diff, "max |torch−onnx|"))
+                               else (figures["max_abs_diff"], cfg.max_abs_diff, "max |torch−onnx|"))
     min_agreement = cfg.int8_min_top1_agreement if int8 else cfg.min_top1_agreement
-    if measured > allowed or result["top1_agreement"] < min_agreement:
-        raise ParityError(f"parity gate failed on {seen} validation inputs: {what} = {measured:.3g} "
-                          f"(allowed {allowed:g}), top-1 agreement {result['top1_agreement']:.4f} "
-                          f"(required {min_agreement:g}); loosen export.parity or check the model's ops")
+    disagree = top1 and agreement is not None and agreement < min_agreement
+    if measured > allowed or disagree:
+        agreement_text = (f", top-1 agreement {agreement:.4f} (required {min_agreement:g})"
+                          if top1 and agreement is not None else "")
+        raise ParityError(f"parity gate failed on {figures['samples']} validation inputs: {what} = {measured:.3g} "
+                          f"(allowed {allowed:g}){agreement_text}, cosine {figures['cosine']:.5f}; "
+                          "loosen export.parity or check the model's ops")
     return result
 
 
-def _refuse_nonfinite(outputs: np.ndarray, whose: str, offset: int) -> None:
+def _refuse_nonfinite(outputs: list[np.ndarray], whose: str) -> None:
     """NaN slips through max() and every comparison: a model whose outputs are all NaN would pass."""
-    bad = nonfinite_count([outputs])
+    bad = nonfinite_count(outputs)
     if bad:
-        first = offset + int(np.argwhere(~np.isfinite(outputs))[0][0])
+        first = min(int(np.argwhere(~np.isfinite(o))[0][0]) for o in outputs if not np.isfinite(o).all())
         raise ParityError(f"parity gate failed: {whose} outputs hold {bad} NaN/Inf value(s) (first in validation "
                           f"input {first}); check the model's weights and numerics (log, division, overflow)")
 

@@ -47,11 +47,26 @@ def _check_forward(model: nn.Module, specs: tuple[InputSpec, ...], source: str) 
     examples = [spec.example(2, torch.Generator().manual_seed(0)) for spec in specs]
     try:
         with torch.inference_mode():
-            model.eval()(*examples)
+            out = model.eval()(*examples)
     except Exception as exc:   # the model's own error, whatever its type
         given = ", ".join(f"'{s.name}' {s.dtype}{list(x.shape)} (rank {x.ndim})" for s, x in zip(specs, examples))
         raise ModelError(f"the model's forward fails on {source}: {given}: {type(exc).__name__}: {first_line(exc)}; "
                          "give model.inputs the names, shapes and dtypes its forward takes") from exc
+    output_tensors(out)
+
+
+def output_tensors(out) -> tuple[torch.Tensor, ...]:
+    """A model's outputs as a tuple of tensors: ONNX, fidelity and distillation need tensors, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return tuple(out)
+    what = (f"a {type(out).__name__} with keys {list(out)[:6]}" if isinstance(out, dict)
+            else f"a {type(out).__name__}" + (f" holding {sorted({type(o).__name__ for o in out})}"
+                                               if isinstance(out, (tuple, list)) else ""))
+    raise ModelError(f"the model's forward returns {what}; edgesmith needs a tensor or a tuple of tensors: wrap it "
+                     "in a module whose forward returns them, e.g. `return tuple(out[k] for k in KEYS)` (Hugging Face "
+                     "models: call with return_dict=False, or return out.last_hidden_state)")
 
 
 def source_fingerprint(cfg: ModelConfig) -> str:

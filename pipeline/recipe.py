@@ -21,6 +21,7 @@ from edgesmith.pipeline.config import (
     CompileConfig,
     DataConfig,
     ExportConfig,
+    Metric,
     ModelConfig,
     Strict,
 )
@@ -48,6 +49,7 @@ class Recipe(Strict):
     compile: CompileConfig = CompileConfig()
     targets: list[str] = ["x86-host"]
     budget: BudgetConfig = BudgetConfig()
+    metric: Metric = "auto"   # the accuracy column and the budget's measure: top1, none or {fn: "file.py:function"}
 
     @field_validator("targets")
     @classmethod

@@ -4,10 +4,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from edgesmith.errors import BudgetError
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text, file_sha256
+from edgesmith.pipeline.config import BudgetConfig
 from edgesmith.pipeline.recipe import Recipe
 from edgesmith.pipeline.steps import Metrics
 from edgesmith.pipeline.versions import tool_versions
@@ -24,27 +26,50 @@ def row(stage: str, metrics: Metrics, *, target: str | None = None, backend: str
     if status:
         out["status"] = status
     if metrics.parity:
-        out["parity"] = {k: metrics.parity[k] for k in ("max_abs_diff", "top1_agreement")}
+        out["parity"] = {k: metrics.parity.get(k) for k in ("max_abs_diff", "top1_agreement", "cosine")}
+    out["fidelity"] = _fidelity_figures(metrics.fidelity)
+    if metrics.int8_vs_fp32:
+        out["int8_vs_fp32"] = {**_fidelity_figures(metrics.int8_vs_fp32), "passed": metrics.int8_vs_fp32["passed"]}
     return out
+
+
+def _fidelity_figures(figures: dict | None) -> dict | None:
+    """cosine, psnr_db, max_abs_diff, and top1_agreement where the output is (batch, classes)."""
+    if not figures:
+        return None
+    keep = ("cosine", "psnr_db", "max_abs_diff", "top1_agreement") if "top1_agreement" in figures else \
+        ("cosine", "psnr_db", "max_abs_diff")
+    return {k: figures.get(k) for k in keep}
 
 
 _BASELINES = ("model", "train")   # the uncompressed model: a checkpoint, or the last train stage
 
 
-def check_budget(result_rows: list[dict], max_drop: float | None) -> None:
-    """Accuracy drop in points against the uncompressed model (the last train stage or the checkpoint)."""
-    if max_drop is None:
-        return
+def check_budget(result_rows: list[dict], budget: BudgetConfig) -> None:
+    """The task metric's drop in points against the uncompressed model (the last train stage or the checkpoint),
+    and the least fidelity to the reference model; failed rows (an INT8 file the gate refused) are not deployed."""
+    max_drop, least = budget.max_accuracy_drop, budget.min_fidelity
     baseline = None
     for r in result_rows:
-        if r["target"] is not None or r["accuracy"] is None:
+        if r["target"] is not None or r.get("status"):
             continue
         if r["stage"] in _BASELINES:
-            baseline = r["accuracy"]
-        elif baseline is not None and baseline - r["accuracy"] > max_drop:
-            raise BudgetError(f"stage '{r['stage']}' dropped accuracy {baseline:.2f}% → {r['accuracy']:.2f}% "
-                              f"({baseline - r['accuracy']:.2f} points > budget.max_accuracy_drop {max_drop}); "
-                              "earlier artifacts are kept in the run folder")
+            baseline = r["accuracy"] if r["accuracy"] is not None else baseline
+            continue
+        if max_drop is not None and baseline is not None and r["accuracy"] is not None \
+                and baseline - r["accuracy"] > max_drop:
+            top1 = r.get("metric", "auto") in ("auto", "top1")
+            value = (lambda v: f"{v:.2f}%") if top1 else (lambda v: f"{v:.4g}")
+            drop = f"{baseline - r['accuracy']:.2f}" if top1 else f"{baseline - r['accuracy']:.4g}"
+            raise BudgetError(f"stage '{r['stage']}' dropped {'accuracy' if top1 else 'metric ' + r['metric']} "
+                              f"{value(baseline)} → {value(r['accuracy'])} ({drop} points > "
+                              f"budget.max_accuracy_drop {max_drop}); earlier artifacts are kept in the run folder")
+        for measure in ("cosine", "psnr_db"):
+            bound, value = getattr(least, measure, None) if least else None, (r.get("fidelity") or {}).get(measure)
+            if bound is not None and value is not None and value < bound:
+                raise BudgetError(f"stage '{r['stage']}' has {measure} {value:.4g} to the reference model "
+                                  f"(< budget.min_fidelity.{measure} {bound:g}); earlier artifacts are kept in the "
+                                  "run folder")
 
 
 def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started: float) -> None:
@@ -64,10 +89,11 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
     })
 
 
-_STAGE_COLUMNS = ("stage", "dtype", "acc %", "params", "MACs", "zeros", "ONNX", "zipped", "host p50 ms", "p90 ms",
-                  "p99 ms")
-_TARGET_COLUMNS = ("target", "backend", "dtype", "from", "acc %", "p50 ms", "p90 ms", "p99 ms", "parity Δ",
-                   "measured on", "status")
+# p90 and the full figures are in results.json; the tables fit a terminal
+_STAGE_COLUMNS = ("stage", "dtype", "metric", "cosine", "PSNR", "params", "MACs", "zeros", "ONNX", "zipped",
+                  "p50 ms", "p99 ms", "status")
+_TARGET_COLUMNS = ("target", "backend", "dtype", "from", "metric", "cosine", "PSNR", "p50 ms", "p99 ms",
+                   "parity Δ", "measured on", "status")
 
 
 _TEXT_COLUMNS = ("stage", "target", "backend", "from", "measured on", "status")
@@ -79,13 +105,24 @@ def _ms(row: dict, key: str) -> str:
 
 
 def _accuracy(row: dict) -> str:
-    return "n/a" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
+    """The task metric: top-1 in percent, a user's metric as it returned, n/a where none applies."""
+    if row["accuracy"] is None:
+        return "n/a"
+    return f"{row['accuracy']:.2f}%" if row.get("metric", "auto") in ("top1", "auto") else f"{row['accuracy']:.4g}"
+
+
+def _fidelity_cells(row: dict) -> list[str]:
+    """Fidelity to the reference model (the model as it entered the first compression stage)."""
+    figures = row.get("fidelity") or {}
+    cosine, psnr = figures.get("cosine"), figures.get("psnr_db")
+    return ["—" if cosine is None else f"{cosine:.4f}", "—" if psnr is None else f"{psnr:.1f}"]
 
 
 def _stage_cells(row: dict) -> list[str]:
-    return [row["stage"], row["precision"], _accuracy(row), _human(row["params"]), _human(row["macs"]),
-            "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}", _human(row["onnx_bytes"]),
-            _human(row["onnx_zipped_bytes"]), _ms(row, "p50"), _ms(row, "p90"), _ms(row, "p99")]
+    return [row["stage"], row["precision"], _accuracy(row), *_fidelity_cells(row), _human(row["params"]),
+            _human(row["macs"]), "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}",
+            _human(row["onnx_bytes"]), _human(row["onnx_zipped_bytes"]), _ms(row, "p50"), _ms(row, "p99"),
+            (row.get("status") or "").split(":")[0]]   # the reason: in the warning and results.json
 
 
 def _target_cells(row: dict) -> list[str]:
@@ -93,7 +130,7 @@ def _target_cells(row: dict) -> list[str]:
     parity = row.get("parity")
     built = not (row.get("status") or "").startswith(("failed", "skipped"))
     return [row["target"], row.get("backend") or "—", row["precision"], row["stage"], _accuracy(row),
-            _ms(row, "p50"), _ms(row, "p90"), _ms(row, "p99"),
+            *_fidelity_cells(row), _ms(row, "p50"), _ms(row, "p99"),
             f"{parity['max_abs_diff']:.1e}" if parity else ("on device" if built else "—"),
             row.get("measured_on") or "—", row.get("status") or ""]
 
@@ -101,7 +138,9 @@ def _target_cells(row: dict) -> list[str]:
 def _tables(result_rows: list[dict]):
     stages = [r for r in result_rows if r["target"] is None]
     targets = [r for r in result_rows if r["target"] is not None]
-    yield "stages (latency: ONNX Runtime on this host)", _STAGE_COLUMNS, [_stage_cells(r) for r in stages]
+    stage_columns = _STAGE_COLUMNS if any(r.get("status") for r in stages) else _STAGE_COLUMNS[:-1]
+    yield "stages (latency: ONNX Runtime on this host)", stage_columns, \
+        [_stage_cells(r)[:len(stage_columns)] for r in stages]
     if targets:
         yield "targets (each backend × precision tried; latency only where measured on the device)", \
             _TARGET_COLUMNS, [_target_cells(r) for r in targets]
@@ -110,7 +149,7 @@ def _tables(result_rows: list[dict]):
 def tables(result_rows: list[dict]) -> list[Table]:
     out = []
     for title, columns, rows in _tables(result_rows):
-        t = Table(title=title)
+        t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)   # narrow: 80 columns hold the stage table
         for col in columns:
             t.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right", overflow="fold")
         for cells in rows:
@@ -133,5 +172,5 @@ def _human(n: int | None) -> str:
         return "—"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
+            return f"{n / scale:.3g}{unit}"
     return str(n)

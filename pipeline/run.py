@@ -11,8 +11,16 @@ from edgesmith.errors import CheckpointError, TargetError
 from edgesmith.pipeline import deploy
 from edgesmith.pipeline.bench import host_latency
 from edgesmith.pipeline.context import IO_SPEC, ONNX_FILE, RunContext
-from edgesmith.pipeline.evaluate import model_size, model_sparsity, onnx_accuracy, torch_accuracy
+from edgesmith.pipeline.evaluate import (
+    model_size,
+    model_sparsity,
+    onnx_accuracy,
+    onnx_outputs,
+    torch_accuracy,
+    torch_outputs,
+)
 from edgesmith.pipeline.export import check_parity, export_onnx, onnx_size, write_io_spec
+from edgesmith.pipeline.fidelity import OUTPUTS_FILE, collect_outputs, compare_outputs, int8_gate, save_outputs
 from edgesmith.pipeline.model_source import (
     build_model,
     input_specs,
@@ -20,11 +28,12 @@ from edgesmith.pipeline.model_source import (
     save_model_artifact,
     source_fingerprint,
 )
+from edgesmith.pipeline.progress import warn
 from edgesmith.pipeline.recipe import Recipe
 from edgesmith.pipeline.stages import StageContext, entry_for, stage_tag
 from edgesmith.pipeline.steps import Built, Metrics, Step
 from edgesmith.targets.backends import get_backend
-from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256
+from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256, read_outputs
 
 
 @dataclass
@@ -41,17 +50,30 @@ class RunResult:
 def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True) -> RunResult:
     ctx = RunContext.open(recipe, out_dir, cache_dir, use_cache)
     with ctx.reporting():  # results of finished steps are written even when a later step fails
+        stages = recipe.model_stages
+        trained = _leading_train_stages(stages)
         model = model_step(ctx)
-        teacher = None  # the model as it enters the first compression stage
-        for index, stage in enumerate(recipe.model_stages, start=1):
-            teacher = teacher or (model if stage.kind != "train" else None)
+        # The reference: the model as it enters the first compression stage (after any train stages). Every
+        # later row's fidelity is measured against its outputs, and label-free fine-tuning distils from it.
+        teacher = model if trained == 0 else None
+        ctx.reference = outputs_step(ctx, model) if teacher else None
+        if recipe.model.checkpoint:  # an untrained model's accuracy says nothing: it gets no row
+            model_row(ctx, "model", model, ctx.out_dir / "stages" / "00-model")
+        for index, stage in enumerate(stages, start=1):
             model = stage_step(ctx, index, stage, model, teacher)
+            if index == trained:
+                teacher, ctx.reference = model, outputs_step(ctx, model)
+            model_row(ctx, stage.kind, model, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}")
         fp32 = export_step(ctx, model)
-        int8 = {scheme: quantize_step(ctx, scheme, model, fp32, teacher or model) for scheme in ctx.schemes}
+        int8 = {scheme: step for scheme in ctx.schemes if (step := quantize_step(ctx, scheme, model, fp32, teacher))}
         failures = [reason for profile in ctx.profiles if (reason := deploy.target_step(ctx, profile, fp32, int8))]
         if failures:  # raised after every target ran, so one device's failure costs the others nothing
             raise TargetError("; ".join(failures))
     return RunResult(ctx.out_dir, ctx.steps.done, ctx.rows)
+
+
+def _leading_train_stages(stages: list) -> int:
+    return next((i for i, s in enumerate(stages) if s.kind != "train"), len(stages))
 
 
 def model_step(ctx: RunContext) -> Step:
@@ -64,13 +86,47 @@ def model_step(ctx: RunContext) -> Step:
         save_model_artifact(model, cfg, specs, tmp)
         return Built(_torch_metrics(ctx, model, specs, evaluate=cfg.checkpoint is not None))
 
-    folder = ctx.out_dir / "stages" / "00-model"
-    step = ctx.steps.run("model", f"model {cfg.name or cfg.factory}", {
-        "config": cfg.model_dump(mode="json"), "source": source_fingerprint(cfg), "checkpoint": checkpoint},
-        build, folder)
-    if cfg.checkpoint:  # an untrained model's accuracy says nothing: it gets no row
-        ctx.row("model", step.metrics.merged(*_onnx_metrics(ctx, step, folder)))
-    return step
+    return ctx.steps.run("model", f"model {cfg.name or cfg.factory}", {
+        "config": cfg.model_dump(mode="json"), "source": source_fingerprint(cfg), "checkpoint": checkpoint,
+        "metric": ctx.metric_key()}, build, ctx.out_dir / "stages" / "00-model")
+
+
+def model_row(ctx: RunContext, label: str, step: Step, folder: Path) -> None:
+    """A torch model's row: its own metrics, its ONNX file's size and host latency, and fidelity to the reference."""
+    ctx.row(label, step.metrics.merged(*_onnx_metrics(ctx, step, folder), fidelity_metrics(ctx, step)))
+
+
+def outputs_step(ctx: RunContext, subject: Step) -> Step:
+    """The outputs of a torch model step or an ONNX step on the first validation inputs (export.parity.samples of
+    them): what every fidelity figure compares. `top1`: whether they are class scores the task metric ranks."""
+    # as many as the parity gate and the bundles' parity inputs use: both compare with these
+    samples = max(ctx.recipe.export.parity.samples, ctx.recipe.compile.parity_samples)
+    batch = ctx.recipe.data.eval_batch_size
+
+    def build(tmp: Path) -> Built:
+        if (subject.artifact / ONNX_FILE).is_file():
+            specs = ctx.specs(subject)
+            run_model = onnx_outputs(get_backend("onnxruntime").load(subject.artifact / ONNX_FILE), specs)
+        else:
+            model, specs = load_model_artifact(subject.artifact)
+            run_model = torch_outputs(model)
+        data = ctx.dataset(specs)
+        outputs = collect_outputs(run_model, data, samples, batch)
+        save_outputs(tmp / OUTPUTS_FILE, outputs)
+        return Built(facts={"top1": ctx.task_metric.is_top1(outputs[0], data), "samples": len(outputs[0])})
+
+    if subject.key not in ctx.outputs_steps:   # asked for by several rows: one step, one progress line
+        ctx.outputs_steps[subject.key] = ctx.steps.run("outputs", f"outputs of {subject.kind}", {
+            "subject": subject.key, "data": ctx.data_key(), "samples": samples, "metric": ctx.metric_key()}, build)
+    return ctx.outputs_steps[subject.key]
+
+
+def fidelity_metrics(ctx: RunContext, subject: Step) -> Metrics:
+    """Fidelity of a step's outputs to the reference model's (none before the reference exists)."""
+    if ctx.reference is None:
+        return Metrics()
+    return Metrics(fidelity=compare_outputs(read_outputs(outputs_step(ctx, subject).artifact / OUTPUTS_FILE),
+                                            read_outputs(ctx.reference.artifact / OUTPUTS_FILE)))
 
 
 def stage_step(ctx: RunContext, index: int, stage, previous: Step, teacher: Step | None) -> Step:
@@ -82,14 +138,12 @@ def stage_step(ctx: RunContext, index: int, stage, previous: Step, teacher: Step
         save_model_artifact(result.model, ctx.recipe.model, specs, tmp)
         return Built(_torch_metrics(ctx, result.model, specs, evaluate=True), {"stage_metrics": result.metrics})
 
-    folder = ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}"
-    step = ctx.steps.run(stage.kind, f"{stage_tag(stage)} (stage {index})", {
+    return ctx.steps.run(stage.kind, f"{stage_tag(stage)} (stage {index})", {
         "input": previous.key, "config": stage.model_dump(mode="json"), "data": ctx.data_key(),
         "teacher": teacher.key if teacher else None,
         "teacher_checkpoint": _checkpoint_sha256(teacher_file) if teacher_file else None,
-        "channel_multiple": ctx.channel_multiple}, build, folder)
-    ctx.row(stage.kind, step.metrics.merged(*_onnx_metrics(ctx, step, folder)))
-    return step
+        "channel_multiple": ctx.channel_multiple, "metric": ctx.metric_key()},
+        build, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}")
 
 
 def onnx_step(ctx: RunContext, model_step: Step, folder: Path) -> Step:
@@ -134,18 +188,21 @@ def export_step(ctx: RunContext, previous: Step) -> Step:
         for name in (ONNX_FILE, IO_SPEC):
             shutil.copyfile(onnx.artifact / name, tmp / name)
         parity = check_parity(model, tmp / ONNX_FILE, ctx.dataset(specs), specs, cfg.parity,
-                              ctx.recipe.data.eval_batch_size)
+                              ctx.recipe.data.eval_batch_size, top1=ctx.reference.facts["top1"])
         measured = Metrics(parity=parity, accuracy=_onnx_accuracy(ctx, tmp, specs), precision="fp32")
         return Built(previous.metrics.merged(onnx.metrics, measured), onnx.facts)   # no host latency: no host
 
-    step = ctx.steps.run("export", "export (parity gate)", {"onnx": onnx.key, "config": cfg.model_dump(mode="json"),
-                                                             "data": ctx.data_key()}, build, ctx.out_dir / "export")
-    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics))
+    step = ctx.steps.run("export", "export (parity gate)", {
+        "onnx": onnx.key, "config": cfg.model_dump(mode="json"), "data": ctx.data_key(),
+        "metric": ctx.metric_key(), "reference": ctx.reference.key}, build, ctx.out_dir / "export")
+    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics, fidelity_metrics(ctx, step)))
     return step
 
 
-def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, teacher: Step) -> Step:
-    """QAT or PTQ for one quantization scheme: an INT8 Q/DQ ONNX that passes the scheme's rules."""
+def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, teacher: Step) -> Step | None:
+    """QAT or PTQ for one quantization scheme: an INT8 Q/DQ ONNX that passes the scheme's rules, then the INT8
+    fidelity gate against the FP32 model it quantizes. A file that fails the gate stays in the run folder with its
+    row, and is never compiled or bundled (None)."""
     stage = ctx.recipe.quantization
     index = len(ctx.recipe.stages)
 
@@ -161,11 +218,21 @@ def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, te
 
     step = ctx.steps.run(stage.kind, f"{stage.kind} {scheme}", {
         "model": model_step.key, "fp32": fp32.key, "config": stage.model_dump(mode="json", exclude={"schemes"}),
-        "scheme": scheme, "data": ctx.data_key(), "teacher": teacher.key,
+        "scheme": scheme, "data": ctx.data_key(), "teacher": teacher.key, "metric": ctx.metric_key(),
         "export": ctx.recipe.export.model_dump(mode="json")},   # one scheme more must not redo the others
         build, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}-{scheme}")
-    ctx.row(deploy.onnx_label(step), step.metrics.merged(latency_step(ctx, step).metrics))
-    return step
+    int8_out, fp32_out = (read_outputs(outputs_step(ctx, s).artifact / OUTPUTS_FILE) for s in (step, fp32))
+    reference = read_outputs(ctx.reference.artifact / OUTPUTS_FILE)
+    vs_fp32, fidelity = compare_outputs(int8_out, fp32_out), compare_outputs(int8_out, reference)
+    problem = int8_gate(vs_fp32, fidelity, compare_outputs(fp32_out, reference), ctx.recipe.export.parity,
+                        top1=ctx.reference.facts["top1"], label=f"{stage.kind} {scheme}")
+    if problem:
+        warn(f"✘ {problem}")
+        ctx.int8_rejected[scheme] = problem
+    ctx.row(deploy.onnx_label(step), step.metrics.merged(
+        latency_step(ctx, step).metrics, Metrics(fidelity=fidelity, int8_vs_fp32={**vs_fp32, "passed": not problem})),
+        status=f"failed: {problem}" if problem else None)
+    return None if problem else step
 
 
 def _stage_context(ctx: RunContext, specs, teacher: Step | None, index: int, **quantization) -> StageContext:
@@ -174,18 +241,19 @@ def _stage_context(ctx: RunContext, specs, teacher: Step | None, index: int, **q
     return StageContext(specs=specs, eval_batch_size=ctx.recipe.data.eval_batch_size,
                         channel_multiple=ctx.channel_multiple, keep_sparsity=sparse,
                         load_teacher=lambda: load_model_artifact(teacher.artifact)[0] if teacher else None,
-                        **quantization)
+                        metric=ctx.task_metric, **quantization)
 
 
 def _torch_metrics(ctx: RunContext, model, specs, *, evaluate: bool) -> Metrics:
     params, macs = model_size(model, specs)
-    accuracy = (torch_accuracy(model, ctx.dataset(specs), ctx.recipe.data.eval_batch_size) if evaluate else None)
+    accuracy = (torch_accuracy(model, ctx.dataset(specs), ctx.recipe.data.eval_batch_size, ctx.task_metric)
+                if evaluate else None)
     return Metrics(accuracy=accuracy, params=params, macs=macs, sparsity=model_sparsity(model))
 
 
 def _onnx_accuracy(ctx: RunContext, folder: Path, specs) -> float | None:
     runner = get_backend("onnxruntime").load(folder / ONNX_FILE)
-    return onnx_accuracy(runner, ctx.dataset(specs), specs, ctx.recipe.data.eval_batch_size)
+    return onnx_accuracy(runner, ctx.dataset(specs), specs, ctx.recipe.data.eval_batch_size, ctx.task_metric)
 
 
 def _checkpoint_sha256(path: Path) -> str:

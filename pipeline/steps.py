@@ -29,6 +29,8 @@ class Metrics:
     onnx_zipped_bytes: int | None = None
     latency_ms: dict | None = None
     parity: dict | None = None
+    fidelity: dict | None = None       # against the reference model: cosine, psnr_db, max_abs_diff (top1_agreement)
+    int8_vs_fp32: dict | None = None   # an INT8 file against the FP32 model it quantizes: the INT8 gate's figures
     precision: str | None = None
     scheme: str | None = None
     measured_on: str | None = None

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from edgesmith.models import InputSpec
 from edgesmith.pipeline.config import ExportConfig
+from edgesmith.pipeline.evaluate import TaskMetric
 
 QUANTIZED_ONNX = "model.onnx"   # what a quantization stage writes into ctx.out_dir
 
@@ -31,6 +32,7 @@ class StageContext:
     channel_multiple: int = 1                        # the recipe's targets' need (Tensor Cores, SIMD widths)
     load_teacher: Callable[[], nn.Module] | None = None   # the model as it entered the first compression stage
     keep_sparsity: bool = False   # a magnitude-pruned model: later training must not regrow its zeroed weights
+    metric: TaskMetric = TaskMetric("auto")   # the recipe's task metric (training history, teacher accuracy)
     # Quantization stages only: the INT8 scheme of this run, the FP32 export it starts from (PTQ calibrates it),
     # the folder the Q/DQ ONNX goes to, and the export settings (parity bounds, onnxslim).
     scheme: str | None = None

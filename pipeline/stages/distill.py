@@ -1,5 +1,6 @@
-"""Knowledge distillation: the loss, the objective any stage's fine-tuning can use, and the distill stage
-(logits plus optional feature matching through learned adapters)."""
+"""Knowledge distillation for any task: the losses (KL for classes, MSE for dense outputs, cosine for embeddings), the
+objective every stage's fine-tuning uses (label-free where there are no labels), and the distill stage (outputs plus
+optional feature matching through learned adapters)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -12,35 +13,75 @@ from pydantic import Field, model_validator
 from edgesmith.errors import ModelError, TrainingError
 from edgesmith.pipeline.config import DistillConfig, FeaturePair, ModelConfig, TrainingConfig
 from edgesmith.pipeline.data import Dataset
-from edgesmith.pipeline.evaluate import torch_accuracy
-from edgesmith.pipeline.model_source import build_model
+from edgesmith.pipeline.evaluate import Outputs, top1_applies, torch_accuracy
+from edgesmith.pipeline.model_source import build_model, output_tensors
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
 from edgesmith.pipeline.stages.layers import module_named
 from edgesmith.pipeline.stages.train import Objective, fit
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, cfg: DistillConfig,
-            label_smoothing: float = 0.0) -> torch.Tensor:
-    """alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE; T² keeps gradient scale (Hinton)."""
-    t = cfg.temperature
-    soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                    reduction="batchmean")
-    hard = F.cross_entropy(student, y, label_smoothing=label_smoothing)
-    return cfg.alpha * t * t * soft + (1 - cfg.alpha) * hard
+def distillation_loss(student: Outputs, teacher: Outputs, cfg: DistillConfig) -> torch.Tensor:
+    """The mean over outputs of each output's distillation loss (`cfg.loss`; `auto` picks per output's shape)."""
+    losses = [_LOSSES[_loss_kind(s, cfg)](s, t, cfg.temperature) for s, t in zip(student, teacher)]
+    return torch.stack(losses).mean()
+
+
+def _loss_kind(output: torch.Tensor, cfg: DistillConfig) -> str:
+    if cfg.loss != "auto":
+        return cfg.loss
+    return "kl" if output.ndim == 2 and output.shape[1] > 1 else "mse"
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the class axis (1), averaged over samples (and
+    positions, for per-pixel classes); T² keeps the gradient's scale (Hinton)."""
+    per_position = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                            reduction="none").sum(1)
+    return t * t * per_position.mean()
+
+
+def _mse(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    return F.mse_loss(student, teacher)
+
+
+def _cosine(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """1 − cosine similarity per sample: an embedding's direction is what retrieval uses, not its length."""
+    return (1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+
+
+_LOSSES = {"kl": _kl, "mse": _mse, "cosine": _cosine}
 
 
 def distillation_objective(teacher: nn.Module, cfg: DistillConfig, training: TrainingConfig) -> Objective:
+    """Distillation from `teacher`; with class labels mixed with cross-entropy (alpha), without labels alone."""
     teacher.eval()
 
-    def objective(logits: torch.Tensor, y: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def objective(outputs: Outputs, y: torch.Tensor | None, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher(*xs)
-        if target.shape != logits.shape:
-            raise TrainingError(f"distillation: the teacher outputs shape {list(target.shape)} but the student "
-                                f"{list(logits.shape)}; use a teacher with the same classes")
-        return kd_loss(logits, target, y, cfg, training.label_smoothing)
+            target = output_tensors(teacher(*xs))
+        if [t.shape for t in target] != [o.shape for o in outputs]:
+            raise TrainingError(f"distillation: the teacher outputs {_shapes(target)} but the student "
+                                f"{_shapes(outputs)}; use a teacher with the same outputs")
+        soft = distillation_loss(outputs, target, cfg)
+        if y is None or not top1_applies(outputs[0], y):   # no class labels: the teacher is the only signal
+            return soft
+        hard = F.cross_entropy(outputs[0], y, label_smoothing=training.label_smoothing)
+        return cfg.alpha * soft + (1 - cfg.alpha) * hard
 
     return objective
+
+
+def finetune_objective(ctx: StageContext, data: Dataset, training: TrainingConfig, *, distill: bool,
+                       distillation: DistillConfig) -> Objective | None:
+    """A stage's fine-tuning: distillation from the reference model where asked for or where there are no labels
+    (what lets a pruned detector or encoder recover); None: the plain labelled loss."""
+    if not (distill or not data.labelled):
+        return None
+    teacher = ctx.load_teacher() if ctx.load_teacher else None
+    if teacher is None:
+        raise TrainingError("fine-tuning without labels distils from the model as it entered the first compression "
+                            "stage, and this stage has none; give labels or put a compression stage first")
+    return distillation_objective(teacher, distillation, training)
 
 
 class DistillStage(TrainingConfig):
@@ -65,25 +106,31 @@ def run(cfg: DistillStage, model: nn.Module, data: Dataset, ctx: StageContext) -
     teacher = (build_model(cfg.teacher) if cfg.teacher else ctx.load_teacher()).eval()
     example = tuple(spec.example(2, torch.Generator().manual_seed(0)) for spec in ctx.specs)
     _check_same_outputs(model, teacher, example)
-    logits_objective = distillation_objective(teacher, cfg.distillation, cfg)
+    outputs_objective = distillation_objective(teacher, cfg.distillation, cfg)
     with FeatureMatch(model, teacher, cfg.features, example, seed=cfg.seed) as features:
-        def objective(logits, y, xs):
-            return logits_objective(logits, y, xs) + features.loss()
+        def objective(outputs, y, xs):
+            return outputs_objective(outputs, y, xs) + features.loss()
 
         history = fit(model, data, cfg, ctx, label="distill", objective=objective,
                       extra_parameters=features.adapters.parameters())
     teacher_name = (cfg.teacher.name or cfg.teacher.factory) if cfg.teacher else "input of first compression stage"
     return StageResult(model.eval(), {"history": history, "teacher": teacher_name,
-                                      "teacher_accuracy": torch_accuracy(teacher, data, ctx.eval_batch_size),
+                                      "teacher_accuracy": torch_accuracy(teacher, data, ctx.eval_batch_size,
+                                                                         ctx.metric),
                                       "feature_pairs": [p.model_dump() for p in cfg.features]})
 
 
 def _check_same_outputs(student: nn.Module, teacher: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
     with torch.no_grad():
-        s, t = student.eval()(*example), teacher(*example)
-    if s.shape != t.shape:
-        raise ModelError(f"distill: the teacher outputs shape {list(t.shape)} but the student {list(s.shape)}; "
-                         "use a teacher trained on the same classes")
+        s, t = output_tensors(student.eval()(*example)), output_tensors(teacher(*example))
+    if [o.shape for o in s] != [o.shape for o in t]:
+        raise ModelError(f"distill: the teacher outputs {_shapes(t)} but the student {_shapes(s)}; use a teacher "
+                         "with the same outputs (same classes)")
+
+
+def _shapes(outputs: Outputs) -> str:
+    shapes = [list(o.shape) for o in outputs]
+    return f"shape {shapes[0]}" if len(shapes) == 1 else f"shapes {shapes}"
 
 
 class FeatureMatch:

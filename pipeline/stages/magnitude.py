@@ -18,7 +18,7 @@ from edgesmith.pipeline.config import FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import model_sparsity
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
-from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.distill import finetune_objective
 from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS, ignored_modules
 from edgesmith.pipeline.stages.train import fit
 
@@ -65,8 +65,8 @@ def run(cfg: MagnitudePruneStage, model: nn.Module, data: Dataset, ctx: StageCon
     if cfg.finetune:
         steps_per_epoch = math.ceil(len(data.train) / cfg.finetune.batch_size)
         schedule = cubic_schedule(cfg, steps_per_epoch)
-        objective = (distillation_objective(ctx.load_teacher(), cfg.finetune.distillation, cfg.finetune)
-                     if cfg.finetune.distill else None)
+        objective = finetune_objective(ctx, data, cfg.finetune, distill=cfg.finetune.distill,
+                                       distillation=cfg.finetune.distillation)
         history = fit(model, data, cfg.finetune, ctx, label="prune (magnitude) finetune", objective=objective,
                       before_step=lambda step, _: masks.raise_to(schedule(step)))
     masks.raise_to(cfg.final_sparsity)  # one-shot pruning, or the schedule's last value if it ended early

@@ -15,9 +15,10 @@ from pydantic import Field
 from edgesmith.errors import ModelError, first_line
 from edgesmith.pipeline.config import FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
-from edgesmith.pipeline.evaluate import model_size
+from edgesmith.pipeline.evaluate import model_size, top1_applies
+from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
-from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.distill import finetune_objective
 from edgesmith.pipeline.stages.layers import ignored_modules, module_named
 from edgesmith.pipeline.stages.train import fit
 
@@ -71,8 +72,8 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
         for m in attention:  # the head count is plain Python state the graph does not update
             m.num_heads = _projections(m)[0].out_features // m.head_dim
         if cfg.finetune:
-            objective = (distillation_objective(ctx.load_teacher(), cfg.finetune.distillation, cfg.finetune)
-                         if cfg.finetune.distill else None)
+            objective = finetune_objective(ctx, data, cfg.finetune, distill=cfg.finetune.distill,
+                                           distillation=cfg.finetune.distillation)
             history += fit(model, data, cfg.finetune, ctx, label=f"prune finetune {step + 1}/{cfg.iterative_steps}",
                            objective=objective)
     params, macs = model_size(model, ctx.specs)
@@ -115,5 +116,9 @@ def _accumulate_gradients(model: nn.Module, data: Dataset) -> None:
     for i, (xs, y) in enumerate(data.batches(data.train, 64, shuffle=True, generator=generator)):
         if i == _TAYLOR_BATCHES:
             break
-        F.cross_entropy(model(*xs), y).backward()
+        outputs = output_tensors(model(*xs))
+        if y is not None and top1_applies(outputs[0], y):
+            F.cross_entropy(outputs[0], y).backward()
+        else:   # no class labels: how strongly each channel drives the outputs (their energy's gradient)
+            sum(o.float().pow(2).mean() for o in outputs).backward()
     model.eval()

@@ -2,6 +2,7 @@
 ONNX, with the quantization settings each scheme's runtime needs. The cheap baseline QAT is compared with."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -37,7 +38,6 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
         warn(f"ptq ({scheme}): calibrating on synthetic data; the INT8 model's fidelity on real inputs is unknown. "
              "Give data (image_folder, npz or a data.factory) for a calibration that matches use")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[cfg.calibration]
@@ -45,8 +45,7 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     with tempfile.TemporaryDirectory() as tmp, quiet("", hide_stderr=True):  # ORT's quantizer logs to the root logger
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_onnx), str(prepared))  # shape inference + graph fusions before calibration
+        prepared = _prepared(fp32_onnx, Path(tmp))
         try:
             quantize_static(str(prepared), str(out_path), _Calibration(data, ctx, cfg.calibration_samples),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation,
@@ -58,6 +57,23 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
     check_scheme(out_path, scheme)
     return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration,
                               "calibration_samples": cfg.calibration_samples})
+
+
+def _prepared(fp32_onnx: Path, tmp: Path) -> Path:
+    """ORT's pre-processing (shape inference, graph fusions) before calibration. Its symbolic shape inference fails on
+    some graphs (a Resize by scale factor, say) and then dumps files into the working directory: it runs inside
+    `tmp`, and the graph goes on with ONNX's own shape inference."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared, cwd = tmp / "prepared.onnx", os.getcwd()
+    os.chdir(tmp)   # contextlib.chdir needs Python 3.11
+    try:
+        quant_pre_process(str(fp32_onnx), str(prepared))
+    except Exception:   # ORT raises a bare Exception("Incomplete symbolic shape inference")
+        quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
+    finally:
+        os.chdir(cwd)
+    return prepared
 
 
 def scheme_settings(scheme: str) -> tuple:

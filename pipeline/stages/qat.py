@@ -18,9 +18,10 @@ from edgesmith.errors import ModelError, first_line
 from edgesmith.pipeline.config import DistillConfig, ExportConfig, QuantScheme, TrainingConfig
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.export import check_parity, export_onnx
+from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import quiet
 from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
-from edgesmith.pipeline.stages.distill import distillation_objective
+from edgesmith.pipeline.stages.distill import finetune_objective
 from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
 from edgesmith.pipeline.stages.nncf_extension import ensure_built
 from edgesmith.pipeline.stages.qdq import check_scheme, store_weights_int8
@@ -47,14 +48,15 @@ def run(cfg: QATStage, model: nn.Module, data: Dataset, ctx: StageContext) -> St
     example = tuple(spec.example(2, torch.Generator().manual_seed(0)) for spec in ctx.specs)
     folded = fold_batchnorm(model, example)
     quantized = _insert_quantizers(model, data, cfg, ctx.scheme)
-    objective = distillation_objective(ctx.load_teacher(), cfg.distillation, cfg) if cfg.distill else None
+    objective = finetune_objective(ctx, data, cfg, distill=cfg.distill, distillation=cfg.distillation)
     history = fit(quantized, data, cfg, ctx, label=f"qat ({ctx.scheme})", objective=objective)
     _export_as_qdq_pairs(quantized)
     export_onnx(quantized.eval(), ctx.specs, ExportConfig(exporter="torchscript", opset=QAT_OPSET,
                                                           slim=ctx.export.slim), out_path)
     int8_weights = store_weights_int8(out_path)
     check_scheme(out_path, ctx.scheme)
-    parity = check_parity(quantized, out_path, data, ctx.specs, ctx.export.parity, ctx.eval_batch_size, int8=True)
+    parity = check_parity(quantized, out_path, data, ctx.specs, ctx.export.parity, ctx.eval_batch_size, int8=True,
+                          top1=ctx.metric.is_top1(output_tensors(quantized(*example))[0], data))
     return StageResult(None, {"scheme": ctx.scheme, "batchnorms_folded": folded,
                               "quantizers": len(_quantizers(quantized)), "int8_weights": int8_weights,
                               "history": history, "parity": parity})

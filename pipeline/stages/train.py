@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from edgesmith.errors import DataError, TrainingError
 from edgesmith.pipeline.config import TrainingConfig
 from edgesmith.pipeline.data import Dataset
-from edgesmith.pipeline.evaluate import check_labels, torch_accuracy
+from edgesmith.pipeline.evaluate import Outputs, check_class_targets, torch_accuracy
+from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import progress_bar
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
 from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
 
-# (student logits, labels, inputs) -> loss
-Objective = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
+# (the model's outputs, labels or None, inputs) -> loss
+Objective = Callable[[Outputs, torch.Tensor | None, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 class TrainStage(TrainingConfig):
@@ -31,7 +32,10 @@ def run(cfg: TrainStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
 
 
 def cross_entropy(cfg: TrainingConfig) -> Objective:
-    return lambda logits, y, xs: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    def objective(outputs: Outputs, y: torch.Tensor, xs) -> torch.Tensor:
+        check_class_targets(outputs[0], y)   # per sample, or per pixel for a segmenter
+        return F.cross_entropy(outputs[0], y, label_smoothing=cfg.label_smoothing)
+    return objective
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext, *, label: str,
@@ -41,9 +45,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
 
     `extra_parameters` train alongside the model (distillation adapters); `before_step(step, epoch)` runs
     before every optimizer step (a pruning schedule)."""
-    if not data.labelled:
+    if objective is None and not data.labelled:
         raise DataError(f"{label} needs labelled data; data '{data.name}' has no labels: give labels (a y array, "
-                        "class sub-folders) or drop the training stages (export, PTQ and compile need none)")
+                        "class sub-folders), or compress without them (prune, distill and qat distil from the "
+                        "model as it entered the first compression stage)")
     objective = objective or cross_entropy(cfg)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -63,10 +68,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
                 if before_step:
                     before_step(step, epoch)
                 step += 1
-                logits = model(*xs)
-                if epoch == 0 and seen == 0:
-                    check_labels(logits, y)
-                loss = objective(logits, y, xs)
+                loss = objective(output_tensors(model(*xs)), y, xs)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{label}: loss became {loss.item()} at epoch {epoch + 1}; lower its lr "
                                         f"(now {cfg.lr}); artifacts of earlier stages are kept")
@@ -75,12 +77,13 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainingConfig, ctx: StageContext,
                 optimizer.step()
                 schedule.step()
                 _reapply(zeros)
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
+                loss_sum += loss.item() * len(xs[0])
+                seen += len(xs[0])
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f}")
-            accuracy = torch_accuracy(model, data, ctx.eval_batch_size)
+            accuracy = torch_accuracy(model, data, ctx.eval_batch_size, ctx.metric)
             history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": accuracy})
-            bar.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} val {accuracy:.2f}%")
+            score = "" if accuracy is None else f" val {accuracy:.4g}"
+            bar.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f}{score}")
     return history
 
 

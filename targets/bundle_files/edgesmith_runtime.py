@@ -193,9 +193,43 @@ def nonfinite_count(arrays: list[np.ndarray]) -> int:
     return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in floats)
 
 
+PSNR_CAP_DB = 300.0   # identical outputs: PSNR is infinite, which JSON cannot hold; float32 noise is ~140 dB
+
+
+def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> dict:
+    """How close outputs are to reference outputs of the same inputs, for any task: cosine similarity (mean over
+    samples, each sample's output flattened), PSNR in dB (peak: the largest |reference|) and the largest |difference|.
+    With several outputs each figure is the worst output's. `top1_agreement` only where the first output is
+    (batch, classes): the argmax of an embedding or a score map is not a class."""
+    outputs = [np.asarray(o, np.float64) for o in outputs]
+    reference = [np.asarray(r, np.float64) for r in reference]
+    if [o.shape for o in outputs] != [r.shape for r in reference]:
+        raise ValueError(f"outputs of shapes {[list(o.shape) for o in outputs]} cannot be compared with reference "
+                         f"outputs of shapes {[list(r.shape) for r in reference]}")
+    rows = len(reference[0])
+    result = {"cosine": None, "psnr_db": None, "max_abs_diff": None, "samples": rows}
+    if nonfinite_count(outputs + reference):
+        return result
+    cosines, psnrs = [], []
+    for out, ref in zip(outputs, reference):
+        a, b = out.reshape(rows, -1), ref.reshape(rows, -1)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        both_zero = (np.abs(a).max(1, initial=0) == 0) & (np.abs(b).max(1, initial=0) == 0)
+        cosine = np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1), both_zero.astype(float))
+        cosines.append(float(np.mean(cosine)))
+        mse, peak = float(np.mean((a - b) ** 2)), float(np.max(np.abs(b), initial=0))
+        psnrs.append(PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, float(10 * np.log10(max(peak, 1e-30) ** 2 / mse))))
+    result.update(cosine=min(cosines), psnr_db=min(psnrs),
+                  max_abs_diff=max(float(np.max(np.abs(o - r), initial=0)) for o, r in zip(outputs, reference)))
+    if reference[0].ndim == 2 and reference[0].shape[1] > 1:
+        result["top1_agreement"] = float(np.mean(outputs[0].argmax(1) == reference[0].argmax(1)))
+    return result
+
+
 def compare(outputs: list[np.ndarray], expected: list[np.ndarray], tolerance: dict) -> dict:
-    """Largest |difference| relative to the largest |reference output|, and top-1 agreement of the first output.
-    Any NaN or Inf in either side fails, and `problem` says which side."""
+    """Largest |difference| relative to the largest |reference output| (and top-1 agreement where the first output
+    is (batch, classes) and the tolerance gives a minimum) against the tolerance. Any NaN or Inf in either side
+    fails, and `problem` says which side."""
     outputs = [o.astype(np.float32) for o in outputs]
     rows = len(expected[0])
     nonfinite = {"outputs": nonfinite_count(outputs), "reference": nonfinite_count(expected)}
@@ -205,24 +239,40 @@ def compare(outputs: list[np.ndarray], expected: list[np.ndarray], tolerance: di
         return {"max_abs_diff": None, "max_rel_diff": None, "top1_agreement": None, "samples": rows,
                 "tolerance": tolerance, "passed": False, "nonfinite": nonfinite,
                 "problem": f"{count} NaN/Inf value(s) in {side}"}
-    diff = max(float(np.max(np.abs(o - e))) for o, e in zip(outputs, expected))
+    figures = fidelity(outputs, expected)
+    diff = figures["max_abs_diff"]
     scale = max(float(np.max(np.abs(e))) for e in expected) or 1.0
-    agreement = float(np.mean(outputs[0].reshape(rows, -1).argmax(1) == expected[0].reshape(rows, -1).argmax(1)))
-    passed = diff / scale <= tolerance["max_rel_diff"] and agreement >= tolerance["min_top1_agreement"]
-    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "top1_agreement": agreement, "samples": rows,
+    agreement, min_agreement = figures.get("top1_agreement"), tolerance.get("min_top1_agreement")
+    passed = diff / scale <= tolerance["max_rel_diff"] and (agreement is None or min_agreement is None
+                                                            or agreement >= min_agreement)
+    agreement_text = "" if agreement is None else f", top-1 agreement {agreement:.3f}"
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale, "top1_agreement": agreement,
+            "cosine": figures["cosine"], "psnr_db": figures["psnr_db"], "samples": rows,
             "tolerance": tolerance, "passed": bool(passed), "nonfinite": nonfinite,
-            "problem": None if passed else f"max_rel_diff {diff / scale:.3g}, top-1 agreement {agreement:.3f} "
+            "problem": None if passed else f"max_rel_diff {diff / scale:.3g}{agreement_text} "
                                            f"outside the tolerance {tolerance}"}
 
 
 def check(folder: str | Path = ".", model=None) -> dict:
-    """Runs the shipped parity inputs and compares with the reference outputs (ONNX Runtime on the source ONNX)."""
+    """Runs the shipped parity inputs and compares with the reference outputs (ONNX Runtime on the source ONNX);
+    `fidelity`: against the original model's outputs (fidelity_reference.npz), what compression cost."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     inputs = dict(np.load(folder / "parity_inputs.npz", allow_pickle=False))
-    reference = np.load(folder / "parity_reference.npz", allow_pickle=False)
-    expected = [reference[f"output_{i}"] for i in range(len(reference.files))]
-    return compare((model or open_bundle(folder))(inputs), expected, manifest["parity"]["tolerance"])
+    outputs = (model or open_bundle(folder))(inputs)
+    result = compare(outputs, read_outputs(folder / "parity_reference.npz"), manifest["parity"]["tolerance"])
+    if (folder / FIDELITY_REFERENCE).is_file():
+        result["fidelity"] = fidelity(outputs, read_outputs(folder / FIDELITY_REFERENCE))
+    return result
+
+
+FIDELITY_REFERENCE = "fidelity_reference.npz"
+
+
+def read_outputs(path: str | Path) -> list[np.ndarray]:
+    """output_0, output_1, ... of an .npz, in order."""
+    with np.load(path, allow_pickle=False) as npz:
+        return [npz[f"output_{i}"] for i in range(len(npz.files))]
 
 
 EMULATED = "EDGESMITH_EMULATED"   # set by an emulator's wrapper: its timings are not a device's latency

@@ -39,7 +39,8 @@ def test_forward_export_and_parity(name, tmp_path):
 
     data = load_dataset(DataConfig(name="synthetic", samples=20, val_fraction=0.5), specs)
     parity = check_parity(model, path, data, specs, ParityConfig(max_abs_diff=1e-3), batch_size=5)
-    assert parity["samples"] == 10 and parity["top1_agreement"] == 1.0
+    assert parity["samples"] == 10 and parity["cosine"] > 0.9999
+    assert parity["top1_agreement"] == (1.0 if out.ndim == 2 else None)   # top-1 only for (batch, classes)
 
     runner = OrtRunner(path)  # a batch size the exporter never saw runs too
     feeds = {s.name: s.example(7).numpy() for s in specs}

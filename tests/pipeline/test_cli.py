@@ -45,7 +45,7 @@ SHORT_DEFAULT = ("--set", "stages.0.epochs=2", "--set", "stages.1.finetune.epoch
 def test_default_recipe_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = edgesmith("run", *SHORT_DEFAULT, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), check=True)
-    for column in ("stage", "acc %", "params", "MACs", "ONNX", "zipped", "p50", "p90", "p99"):
+    for column in ("stage", "metric", "cosine", "PSNR", "params", "MACs", "ONNX", "zipped", "p50", "p99"):
         assert column in proc.stdout
     rows = json.loads((out / "results.json").read_text())
     assert [r["stage"] for r in rows if r["target"] is None] == ["train", "prune", "export", "qat:ort-x86"]
@@ -58,6 +58,11 @@ def test_default_recipe_end_to_end(tmp_path):
     host = chosen(rows, "x86-host")   # every candidate runs here, so the choice is the fastest measured
     assert host["latency_ms"]["p50"] == min(r["latency_ms"]["p50"] for r in candidates)
     assert all(r["parity"]["max_abs_diff"] < 1e-3 for r in candidates) and host["accuracy"] > 80
+    # fidelity to the trained model (the reference) on every row after it; INT8 gated against the FP32 model
+    assert all(r["fidelity"]["cosine"] > 0.9 and r["fidelity"]["psnr_db"] > 10 for r in rows)
+    assert next(r for r in rows if r["stage"] == "train")["fidelity"]["cosine"] == pytest.approx(1.0)
+    qat = next(r for r in rows if r["stage"] == "qat:ort-x86" and r["target"] is None)
+    assert qat["int8_vs_fp32"]["passed"] and qat["int8_vs_fp32"]["top1_agreement"] >= 0.97
     assert (out / "bundles/x86-host/manifest.json").is_file()
     again = edgesmith("run", *SHORT_DEFAULT, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), check=True)
     assert "nothing, all cached" in again.stdout

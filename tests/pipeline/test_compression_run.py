@@ -21,6 +21,8 @@ def test_every_stage_reports_onnx_size_and_host_latency(tmp_path, cache_dir):
     assert pruned["params"] < train["params"] / 2 and pruned["macs"] < train["macs"] / 2
     assert qat["precision"] == "int8" and qat["onnx_bytes"] < pruned["onnx_bytes"] / 1.5
     assert rows[("qat:ort-x86", "x86-host", "onnxruntime")]["precision"] == "int8"
+    # fidelity to the trained model on every row; QAT trains on, so its gate also accepts moving towards the reference
+    assert all(r["fidelity"]["cosine"] is not None for r in result.rows) and qat["int8_vs_fp32"]["passed"]
     out = tmp_path / "run"
     for path in ("stages/01-train/onnx/model.onnx", "stages/02-prune/onnx/model.onnx",
                  "stages/03-qat-ort-x86/model.onnx", "stages/03-qat-ort-x86/io.json"):
@@ -33,7 +35,8 @@ def test_quantization_branches_per_scheme_and_shares_the_stages_before(tmp_path,
     run(load_recipe(None, FAST_COMPRESSION), tmp_path / "a", cache_dir)
     more = run(load_recipe(None, FAST_COMPRESSION + ["stages.2.schemes=[ort-x86, tensorrt]"]), tmp_path / "b",
                cache_dir)
-    assert more.executed == ["qat", "latency"]   # only the new scheme's QAT (and its host latency) runs
+    # only the new scheme's QAT, its outputs (the INT8 gate, fidelity) and its host latency run
+    assert more.executed == ["qat", "outputs", "latency"]
     assert [r["stage"] for r in more.rows if r["target"] is None][-2:] == ["qat:ort-x86", "qat:tensorrt"]
     assert (tmp_path / "b/stages/03-qat-tensorrt/model.onnx").is_file()
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from edgesmith.errors import BudgetError, ModelError
+from edgesmith.pipeline.config import BudgetConfig
 from edgesmith.pipeline.recipe import load_recipe
 from edgesmith.pipeline.report import check_budget
 from edgesmith.pipeline.run import run
@@ -20,8 +21,9 @@ def test_run_writes_every_artifact_and_rerun_executes_nothing(tmp_path, cache_di
     recipe = load_recipe(None, FAST)
     first = run(recipe, tmp_path / "run", cache_dir)
     # x86-host: no INT8 model (no qat/ptq stage), so ONNX Runtime FP32 and TVM FP32 are compiled, checked, timed
-    assert first.executed == ["model", "train", "onnx", "latency", "export", "compile", "check", "compile", "check",
-                              "bundle"]
+    # outputs: the reference (the trained model) and the export on the validation inputs, for fidelity
+    assert first.executed == ["model", "train", "outputs", "onnx", "latency", "export", "outputs", "compile", "check",
+                              "compile", "check", "bundle"]
     out = tmp_path / "run"
     for path in ("recipe.yaml", "manifest.json", "results.json", "results.md", "stages/01-train/model.safetensors",
                  "stages/01-train/sidecar.json", "export/model.onnx", "export/io.json", "export/sidecar.json",
@@ -46,9 +48,9 @@ def test_changing_one_stage_recomputes_from_that_stage_on(tmp_path, cache_dir):
     run(load_recipe(None, FAST), tmp_path / "a", cache_dir)
     export_changed = run(load_recipe(None, FAST + ["export.slim=false"]), tmp_path / "b", cache_dir)
     per_target = ["compile", "check", "compile", "check", "bundle"]   # ORT FP32 and TVM FP32 on x86-host
-    assert export_changed.executed == ["onnx", "latency", "export", *per_target]
+    assert export_changed.executed == ["onnx", "latency", "export", "outputs", *per_target]
     train_changed = run(load_recipe(None, FAST + ["stages.0.lr=0.001"]), tmp_path / "c", cache_dir)
-    assert train_changed.executed == ["train", "onnx", "latency", "export", *per_target]
+    assert train_changed.executed == ["train", "outputs", "onnx", "latency", "export", "outputs", *per_target]
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -163,7 +165,10 @@ def test_budget_names_the_stage_that_overspent():
     rows = [{"stage": "train", "target": None, "accuracy": 99.0},
             {"stage": "export", "target": None, "accuracy": 97.5},
             {"stage": "export", "target": "x86-host", "accuracy": 97.5}]
-    check_budget(rows, max_drop=2.0)
-    check_budget(rows, max_drop=None)
+    check_budget(rows, BudgetConfig(max_accuracy_drop=2.0))
+    check_budget(rows, BudgetConfig())
     with pytest.raises(BudgetError, match=r"stage 'export' dropped accuracy 99.00% → 97.50% \(1.50 points"):
-        check_budget(rows, max_drop=1.0)
+        check_budget(rows, BudgetConfig(max_accuracy_drop=1.0))
+    iou = [{**r, "metric": "tasks.py:iou", "accuracy": r["accuracy"] / 100} for r in rows]
+    with pytest.raises(BudgetError, match=r"dropped metric tasks.py:iou 0.99 → 0.975 \(0.015 points"):
+        check_budget(iou, BudgetConfig(max_accuracy_drop=0.01))
