@@ -52,14 +52,31 @@ def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, flo
     for _ in range(ROUNDS):
         for label, path in files.items():
             session = OnnxRuntimeModel(path).session   # the pipeline's own session set-up
-            inputs = session.get_inputs()[0]
-            shape = [batch, *(d if isinstance(d, int) else 1 for d in inputs.shape[1:])]
-            feed = {inputs.name: rng.standard_normal(shape).astype(np.float32)}
+            declared = _declared_shapes(Path(path).with_name("io.json"))
+            feed = {i.name: _example(i, batch, declared.get(i.name), rng) for i in session.get_inputs()}
             stats = measure(lambda: session.run(None, feed),  # noqa: B023 (called at once, inside the loop)
                             warmup=5, runs=max(5, runs // ROUNDS), batch_size=batch, threads=0, min_warmup_s=0.2)
             p50s[label].append(stats.p50)
             session = None  # its thread pool goes now, before the next model's session starts
     return {label: float(np.median(values)) for label, values in p50s.items()}
+
+
+def _declared_shapes(io_json: Path) -> dict[str, list[int]]:
+    """The input shapes the pipeline's io.json beside an ONNX file declares (a sequence length, say), or none."""
+    try:
+        return {i["name"]: i["shape"] for i in json.loads(io_json.read_text())["inputs"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _example(graph_input, batch: int, declared: list[int] | None, rng: np.random.Generator) -> np.ndarray:
+    """Random floats for float inputs; ones for integer ones (token ids, attention masks): timing needs no meaning.
+    Symbolic axes other than the batch take the declared size (a sequence length), else 1."""
+    shape = [batch, *(d if isinstance(d, int) else (declared[axis] if declared else 1)
+                      for axis, d in enumerate(graph_input.shape[1:], start=1))]
+    if "int" in graph_input.type:
+        return np.ones(shape, np.int64 if "int64" in graph_input.type else np.int32)
+    return rng.standard_normal(shape).astype(np.float32)
 
 
 def table(name: str, baseline: str, models: dict[str, tuple[Path, float]], target: Target, runs: int) -> dict:
@@ -211,20 +228,21 @@ def b5(work: Path, cache: Path, quick: bool) -> dict:
 BENCHMARKS = {"b1": b1, "b2": b2, "b3": b3, "b4": b4, "b5": b5}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=["all"], help="b1 … b5, or all")
+def main(benchmarks: dict = BENCHMARKS, doc: str = __doc__, prefix: str = "edgesmith-compression-") -> None:
+    """The command line every benchmark module shares: which ones, --quick, --json, --cache-dir."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("which", nargs="*", default=["all"], help=f"{', '.join(benchmarks)}, or all")
     parser.add_argument("--quick", action="store_true", help="shorter training: a few minutes each")
     parser.add_argument("--json", type=Path, default=None, help="write the tables here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="pipeline cache shared by the runs")
     args = parser.parse_args()
-    chosen = list(BENCHMARKS) if "all" in args.which else args.which
-    unknown = [w for w in chosen if w not in BENCHMARKS]
+    chosen = list(benchmarks) if "all" in args.which else args.which
+    unknown = [w for w in chosen if w not in benchmarks]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)} or all")
-    work = Path(tempfile.mkdtemp(prefix="edgesmith-compression-"))
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(benchmarks)} or all")
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     cache = args.cache_dir or work / "cache"
-    results = {name: BENCHMARKS[name](work, cache, args.quick) for name in chosen}
+    results = {name: benchmarks[name](work, cache, args.quick) for name in chosen}
     if args.json:
         args.json.write_text(json.dumps({"quick": args.quick, "results": results}, indent=2))
         print(f"\nsaved {args.json}")

@@ -1,4 +1,4 @@
-"""A BERT-style encoder for sequence classification, with explicit per-head attention projections."""
+"""A BERT-style encoder for sequence classification or embeddings, with explicit per-head attention projections."""
 from __future__ import annotations
 
 import math
@@ -50,13 +50,22 @@ class EncoderLayer(nn.Module):
 
 
 class TinyTransformer(nn.Module):
+    """`output: classes` returns class scores; `output: embedding` the embedding (mean-pooled tokens through a
+    projection), the classifier kept but unused, so weights trained with `classes` load into both."""
+
     def __init__(self, vocab_size: int, seq_len: int, dim: int, depth: int, num_heads: int, mlp_ratio: int,
-                 num_classes: int, dropout: float):
+                 num_classes: int, dropout: float, pooling: str = "first", output: str = "classes"):
         super().__init__()
+        if pooling not in ("first", "mean") or output not in ("classes", "embedding"):
+            raise ValueError(f"pooling must be first or mean (got {pooling!r}); output classes or embedding "
+                             f"(got {output!r})")
+        self.pooling, self.output = pooling, output
         self.token_embedding = nn.Embedding(vocab_size, dim)
         self.position_embedding = nn.Parameter(torch.zeros(1, seq_len, dim))
         self.embedding_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        # the embedding head: what a sentence encoder returns; the first-token classifier has none (BERT's layout)
+        self.embedding_head = nn.Linear(dim, dim) if pooling == "mean" else None
         self.classifier = nn.Linear(dim, num_classes)
         nn.init.normal_(self.position_embedding, std=0.02)
         self.input_spec = (InputSpec("input_ids", (1, seq_len), dtype="int64", dynamic_axes={0: "batch", 1: "seq"},
@@ -67,11 +76,17 @@ class TinyTransformer(nn.Module):
         x = self.embedding_norm(x)
         for layer in self.layers:
             x = layer(x)
-        return self.classifier(x[:, 0])  # first token pools the sequence, as BERT's [CLS]
+        if self.embedding_head is None:
+            return self.classifier(x[:, 0])  # first token pools the sequence, as BERT's [CLS]
+        embedding = self.embedding_head(x.mean(1))
+        return embedding if self.output == "embedding" else self.classifier(torch.tanh(embedding))
 
 
 @register()
 def tiny_transformer(vocab_size: int = 1000, seq_len: int = 64, dim: int = 64, depth: int = 2, num_heads: int = 4,
-                     mlp_ratio: int = 4, num_classes: int = 2, dropout: float = 0.1) -> nn.Module:
-    """BERT-style encoder: token embedding, multi-head self-attention, LayerNorm, GELU feed-forward."""
-    return TinyTransformer(vocab_size, seq_len, dim, depth, num_heads, mlp_ratio, num_classes, dropout)
+                     mlp_ratio: int = 4, num_classes: int = 2, dropout: float = 0.1, pooling: str = "first",
+                     output: str = "classes") -> nn.Module:
+    """BERT-style encoder: token embedding, multi-head self-attention, LayerNorm, GELU feed-forward; an embedding
+    model with pooling: mean, output: embedding."""
+    return TinyTransformer(vocab_size, seq_len, dim, depth, num_heads, mlp_ratio, num_classes, dropout, pooling,
+                           output)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgesmith.benchmarks.harness import summarize
+from edgesmith.errors import first_line
 from edgesmith.pipeline import bundle
 from edgesmith.pipeline.bench import time_runner
 from edgesmith.pipeline.cache import atomic_write_json
@@ -242,7 +243,11 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
         candidate.status, candidate.reason = "failed", str(exc)
         warn(f"✘ {label}: {exc}")
         return
-    candidate.checked = _check_step(ctx, profile, candidate, runs_here)
+    try:
+        candidate.checked = _check_step(ctx, profile, candidate, runs_here)
+    except (BackendError, RuntimeError, ValueError) as exc:   # the runtime refuses the inputs: a failed candidate
+        candidate.status, candidate.reason = "failed", f"running it failed: {first_line(exc)}"
+        warn(f"✘ {label}: {candidate.reason}")
 
 
 def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_here: bool) -> Step:

@@ -1,7 +1,8 @@
 """Q/DQ validator: checks an INT8 ONNX file against a quantization scheme's rules and names each offending node.
 
 Schemes (DESIGN.md §3):
-  tensorrt  signed int8 activations and weights, every zero point 0, weights per-channel on axis 0,
+  tensorrt  signed int8 activations and weights, every zero point 0, weights per-channel on their output-channel
+            axis (Conv 0, ConvTranspose 1, MatMul's (K, N) weight its last, Gemm 0 with transB else 1),
             activations per-tensor, biases left in float (no int32 DequantizeLinear);
   ort-x86   uint8 activations, int8 weights (ONNX Runtime's fast U8S8 path on x86);
   ort-arm   int8 activations and weights.
@@ -46,6 +47,10 @@ def validate(model: onnx.ModelProto | Path, scheme: str) -> list[Violation]:
     constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
     tensors = {**constants, **inits}
     producers = {out: n for n in graph.node for out in n.output}
+    consumers = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
     violations = []
     opset = default_opset(proto)
     if opset < 13:
@@ -69,21 +74,46 @@ def validate(model: onnx.ModelProto | Path, scheme: str) -> list[Violation]:
             violations.append(Violation(name, f"{role} zero point is {_TYPE_NAME.get(zp_type, zp_type)}, "
                                               f"scheme {scheme} needs {_TYPE_NAME[expected]}"))
         if scheme == "tensorrt":
-            violations += _tensorrt_rules(name, node, zero_point, scale, is_weight)
+            violations += _tensorrt_rules(name, node, zero_point, scale, is_weight, tensors, consumers)
     return violations
 
 
-def _tensorrt_rules(name, node, zero_point, scale, is_weight) -> list[Violation]:
+def _tensorrt_rules(name, node, zero_point, scale, is_weight, tensors, consumers) -> list[Violation]:
     found = []
     if zero_point is not None and np.any(numpy_helper.to_array(zero_point) != 0):
         found.append(Violation(name, "non-zero zero point: TensorRT supports symmetric quantization only"))
     per_channel = scale is not None and numpy_helper.to_array(scale).size > 1
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    if is_weight and per_channel and axis != 0:
-        found.append(Violation(name, f"weight quantized per-channel on axis {axis}; TensorRT needs axis 0"))
+    if is_weight and per_channel and node.op_type == "DequantizeLinear":
+        for consumer in consumers.get(node.output[0], []):
+            expected = output_channel_axis(consumer, _rank(node, tensors))
+            if expected is not None and axis % max(_rank(node, tensors), 1) != expected:
+                found.append(Violation(name, f"weight quantized per-channel on axis {axis}; TensorRT needs the "
+                                             f"output-channel axis of its {consumer.op_type}, {expected}"))
     if not is_weight and per_channel:
         found.append(Violation(name, "activation quantized per-channel; TensorRT needs per-tensor activations"))
     return found
+
+
+def output_channel_axis(consumer: onnx.NodeProto, rank: int) -> int | None:
+    """The axis of a weight that indexes its op's output channels, per NVIDIA's rule for per-channel Q/DQ weights
+    (the scale must follow the output channels): Conv (K, C, ...) 0, ConvTranspose (C, K, ...) 1, MatMul's (…, K, N)
+    second input its last axis, Gemm's B 0 when transB=1 else 1. None: an op with no such rule here."""
+    if consumer.op_type == "Conv":
+        return 0
+    if consumer.op_type == "ConvTranspose":
+        return 1
+    if consumer.op_type == "MatMul":
+        return rank - 1
+    if consumer.op_type == "Gemm":
+        return 0 if next((a.i for a in consumer.attribute if a.name == "transB"), 0) else 1
+    return None
+
+
+def _rank(node: onnx.NodeProto, tensors: dict) -> int:
+    """Rank of the stored weight under a DequantizeLinear (its int8 tensor, or the float one a Q quantizes)."""
+    source = tensors.get(node.input[0])
+    return len(source.dims) if source is not None else 2
 
 
 def _is_weight(node, tensors, producers) -> bool:

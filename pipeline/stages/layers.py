@@ -1,4 +1,5 @@
-"""Finding layers by name and the classifier layer, shared by the stages that leave some layers alone."""
+"""Finding layers by name and the layers that produce the outputs, shared by the stages that leave some layers
+alone."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,6 +11,15 @@ from edgesmith.errors import ModelError, RecipeError
 
 # Layers whose weight is a dense matrix or kernel: what magnitude pruning zeroes and BatchNorm folds into.
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# An attention module's head count: `num_heads` (this project's attention, most libraries), `num_attention_heads`
+# (Hugging Face BERT-family self-attention, with `attention_head_size` and `all_head_size`).
+HEAD_COUNTS = ("num_heads", "num_attention_heads")
+
+
+def has_attention(model: nn.Module) -> bool:
+    """A transformer: quantizers and pruning treat its attention, LayerNorms and embeddings specially."""
+    return any(isinstance(m, nn.MultiheadAttention) or any(isinstance(getattr(m, n, None), int) for n in HEAD_COUNTS)
+               for m in model.modules())
 
 
 def module_named(model: nn.Module, name: str, field: str) -> nn.Module:
@@ -24,26 +34,44 @@ def module_named(model: nn.Module, name: str, field: str) -> nn.Module:
 
 def ignored_modules(model: nn.Module, example: Sequence[torch.Tensor], names: list[str] | None,
                     field: str) -> list[nn.Module]:
-    """The layers named in the recipe, or by default the classifier: pruning it would change the classes."""
+    """The layers named in the recipe, or by default the layers that produce the model's outputs: pruning them
+    would change the outputs' shapes (the classes, the score maps' channels, the embedding's size)."""
     if names is not None:
         return [module_named(model, n, field) for n in names]
-    return [output_layer(model, example)]
+    return output_layers(model, example)
 
 
-def output_layer(model: nn.Module, example: Sequence[torch.Tensor]) -> nn.Module:
-    """The layer whose output is the model's output, found by running the model with hooks."""
-    produced: dict[int, nn.Module] = {}
-    hooks = [m.register_forward_hook(lambda mod, _, out: produced.__setitem__(id(out), mod))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+def output_layers(model: nn.Module, example: Sequence[torch.Tensor]) -> list[nn.Module]:
+    """For every output, the nearest layers with weights it is computed from, found by walking the autograd graph
+    back from the output through weight-free operations (pooling, reshapes, activations, additions). A layer that
+    never runs (an unused pooler) is never found."""
+    producers: dict[object, nn.Module] = {}
+
+    def record(module, inputs, output):   # inner modules finish first: the innermost producer is kept
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            producers.setdefault(output.grad_fn, module)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if m is not model and any(True for _ in m.parameters(recurse=False))]
     try:
-        with torch.no_grad():
-            output = model.eval()(*example)
+        with torch.enable_grad():
+            outputs = model.eval()(*example)
     finally:
         for h in hooks:
             h.remove()
-    if id(output) in produced:
-        return produced[id(output)]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ModelError("cannot find the classifier layer; name the layers to leave alone in ignored_layers")
-    return linears[-1]
+    found: dict[int, nn.Module] = {}
+    for output in (outputs if isinstance(outputs, (tuple, list)) else (outputs,)):
+        stack, seen = [output.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in producers:
+                found[id(producers[node])] = producers[node]
+            else:
+                stack.extend(parent for parent, _ in node.next_functions)
+    if not found:
+        raise ModelError("cannot find the layers that produce the model's outputs; name the layers to leave alone "
+                         "in prune.ignored_layers")
+    return list(found.values())

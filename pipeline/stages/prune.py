@@ -19,7 +19,7 @@ from edgesmith.pipeline.evaluate import model_size, top1_applies
 from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
 from edgesmith.pipeline.stages.distill import finetune_objective
-from edgesmith.pipeline.stages.layers import ignored_modules, module_named
+from edgesmith.pipeline.stages.layers import HEAD_COUNTS, ignored_modules, module_named
 from edgesmith.pipeline.stages.train import fit
 
 _HEAD_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
@@ -47,10 +47,9 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
     example = tuple(spec.example(2) for spec in ctx.specs)
     params_before, macs_before = model_size(model, ctx.specs)
     heads_before = _head_counts(model)
-    attention = _attention_modules(model)
-    for m in attention:  # the head size is fixed; the head count is what pruning changes
-        m.head_dim = getattr(m, "head_dim", _projections(m)[0].out_features // m.num_heads)
-    num_heads = {proj: m.num_heads for m in attention for proj in _projections(m)}
+    attention = {m: _head_size(m) for m in _attention_modules(model)}   # the head size stays; the count shrinks
+    num_heads = {proj: _heads(m) for m in attention for proj in _projections(m)}
+    shapes_before = _output_shapes(model, example)
     try:
         pruner = tp.pruner.MetaPruner(
             model, example[0] if len(example) == 1 else example, importance=_importance(cfg.importance),
@@ -69,8 +68,9 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
             _accumulate_gradients(model, data)
         pruner.step()
         model.zero_grad(set_to_none=True)
-        for m in attention:  # the head count is plain Python state the graph does not update
-            m.num_heads = _projections(m)[0].out_features // m.head_dim
+        for m, head_size in attention.items():  # head counts are plain Python state the graph does not update
+            _set_heads(m, _projections(m)[0].out_features // head_size)
+        _check_outputs_kept(model, example, shapes_before)
         if cfg.finetune:
             objective = finetune_objective(ctx, data, cfg.finetune, distill=cfg.finetune.distill,
                                            distillation=cfg.finetune.distillation)
@@ -92,7 +92,41 @@ def _importance(name: str):
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "num_heads", None), int) and _projections(m)]
+    return [m for m in model.modules() if _head_count_name(m) and _projections(m)]
+
+
+def _head_count_name(module: nn.Module) -> str | None:
+    return next((n for n in HEAD_COUNTS if isinstance(getattr(module, n, None), int)), None)
+
+
+def _heads(module: nn.Module) -> int:
+    return getattr(module, _head_count_name(module))
+
+
+def _head_size(module: nn.Module) -> int:
+    for name in ("head_dim", "attention_head_size"):
+        if isinstance(getattr(module, name, None), int):
+            return getattr(module, name)
+    return _projections(module)[0].out_features // _heads(module)
+
+
+def _set_heads(module: nn.Module, heads: int) -> None:
+    setattr(module, _head_count_name(module), heads)
+    if isinstance(getattr(module, "all_head_size", None), int):   # Hugging Face reshapes the context with it
+        module.all_head_size = _projections(module)[0].out_features
+
+
+def _output_shapes(model: nn.Module, example) -> list[tuple[int, ...]]:
+    with torch.no_grad():
+        return [tuple(o.shape) for o in output_tensors(model.eval()(*example))]
+
+
+def _check_outputs_kept(model: nn.Module, example, before: list[tuple[int, ...]]) -> None:
+    """Pruning must never change what the model returns: a narrower embedding or fewer classes is another model."""
+    after = _output_shapes(model, example)
+    if after != before:
+        raise ModelError(f"prune: the outputs' shapes changed from {before} to {after}: a layer that shapes an output "
+                         "was pruned; name it in prune.ignored_layers")
 
 
 def _projections(module: nn.Module) -> list[nn.Linear]:
@@ -105,7 +139,7 @@ def _projections(module: nn.Module) -> list[nn.Linear]:
 
 def _head_counts(model: nn.Module) -> dict[str, int]:
     attention = {id(m) for m in _attention_modules(model)}
-    return {name: m.num_heads for name, m in model.named_modules() if id(m) in attention}
+    return {name: _heads(m) for name, m in model.named_modules() if id(m) in attention}
 
 
 def _accumulate_gradients(model: nn.Module, data: Dataset) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 from pydantic import Field
 
 from edgesmith.errors import ExportError, first_line
@@ -16,6 +18,7 @@ from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import feeds
 from edgesmith.pipeline.progress import quiet, warn
 from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
+from edgesmith.pipeline.stages.layers import has_attention
 from edgesmith.pipeline.stages.qdq import check_scheme
 
 _CALIBRATION_BATCH = 32
@@ -28,6 +31,10 @@ class PTQStage(Strict):
     percentile: float = Field(default=99.999, gt=90, le=100)
     calibration_samples: int = Field(default=300, ge=1)
     schemes: list[QuantScheme] | None = None
+    # ONNX op types to quantize; None: every op ORT can quantize, or MatMul and Gemm only for a transformer (its
+    # residual adds, softmax and GELU in INT8 cost more Q/DQ than they save: on B7 1.27× slower than FP32, where
+    # MatMul-only runs on par)
+    op_types: list[str] | None = None
 
 
 @stage("ptq", PTQStage, quantizes=True)
@@ -46,17 +53,40 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
         extra["CalibPercentile"] = cfg.percentile
     with tempfile.TemporaryDirectory() as tmp, quiet("", hide_stderr=True):  # ORT's quantizer logs to the root logger
         prepared = _prepared(fp32_onnx, Path(tmp))
+        excluded = constant_operand_nodes(prepared)
         try:
             quantize_static(str(prepared), str(out_path), _Calibration(data, ctx, cfg.calibration_samples),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation,
                             weight_type=weight, calibrate_method=method, extra_options=extra,
+                            nodes_to_exclude=excluded, op_types_to_quantize=_op_types(cfg, model),
                             calibration_cache_path=Path(tmp) / "calibration")
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({first_line(exc, 200)})") \
                 from None
     check_scheme(out_path, scheme)
-    return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration,
+    return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration, "float_nodes": len(excluded),
                               "calibration_samples": cfg.calibration_samples})
+
+
+def _op_types(cfg: PTQStage, model) -> list[str] | None:
+    if cfg.op_types is not None:
+        return cfg.op_types
+    return ["MatMul", "Gemm"] if model is not None and has_attention(model) else None
+
+
+# Ops whose stored float input is a weight with an output-channel axis: quantized per channel as int8
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def constant_operand_nodes(path: Path) -> list[str]:
+    """Nodes other than weight ops that take a stored float tensor: an embedding table (Gather), a bias added
+    after a MatMul (Add), a scale (Mul). ORT would quantize those constants with the activation type (uint8 on
+    x86), which no scheme's runtime takes as weights; they stay in float, and the weight ops around them in INT8."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    floats = {t.name for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+    floats |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
+               and n.attribute[0].t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and n.attribute[0].t.dims}
+    return [n.name for n in graph.node if n.op_type not in WEIGHT_OPS and any(i in floats for i in n.input)]
 
 
 def _prepared(fp32_onnx: Path, tmp: Path) -> Path:

@@ -22,9 +22,9 @@ from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import quiet
 from edgesmith.pipeline.stages import QUANTIZED_ONNX, StageContext, StageResult, stage
 from edgesmith.pipeline.stages.distill import finetune_objective
-from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS
+from edgesmith.pipeline.stages.layers import WEIGHT_LAYERS, has_attention
 from edgesmith.pipeline.stages.nncf_extension import ensure_built
-from edgesmith.pipeline.stages.qdq import check_scheme, store_weights_int8
+from edgesmith.pipeline.stages.qdq import check_scheme, requantize_concats, store_weights_int8
 from edgesmith.pipeline.stages.train import fit
 
 QAT_OPSET = 17   # the TorchScript exporter's best-tested opset; per-channel Q/DQ needs ≥ 13
@@ -51,14 +51,17 @@ def run(cfg: QATStage, model: nn.Module, data: Dataset, ctx: StageContext) -> St
     objective = finetune_objective(ctx, data, cfg, distill=cfg.distill, distillation=cfg.distillation)
     history = fit(quantized, data, cfg, ctx, label=f"qat ({ctx.scheme})", objective=objective)
     _export_as_qdq_pairs(quantized)
+    integer = _disable_integer_quantizers(quantized, example)
     export_onnx(quantized.eval(), ctx.specs, ExportConfig(exporter="torchscript", opset=QAT_OPSET,
                                                           slim=ctx.export.slim), out_path)
     int8_weights = store_weights_int8(out_path)
+    requantized = requantize_concats(out_path)
     check_scheme(out_path, ctx.scheme)
     parity = check_parity(quantized, out_path, data, ctx.specs, ctx.export.parity, ctx.eval_batch_size, int8=True,
                           top1=ctx.metric.is_top1(output_tensors(quantized(*example))[0], data))
     return StageResult(None, {"scheme": ctx.scheme, "batchnorms_folded": folded,
                               "quantizers": len(_quantizers(quantized)), "int8_weights": int8_weights,
+                              "quantizers_off_integer_tensors": integer, "concats_requantized": requantized,
                               "history": history, "parity": parity})
 
 
@@ -134,14 +137,64 @@ def _insert_quantizers(model: nn.Module, data: Dataset, cfg: QATStage, scheme: s
         with quiet("nncf"):
             quantized = nncf.quantize(model, nncf.Dataset(samples, lambda xs: xs if len(xs) > 1 else xs[0]),
                                       preset=preset, subset_size=max(1, cfg.calibration_samples // 32),
-                                      advanced_parameters=per_tensor)
+                                      advanced_parameters=per_tensor, ignored_scope=_float_ops(model))
     except (RuntimeError, ValueError, TypeError, nncf.ValidationError) as exc:
         raise ModelError(f"qat: NNCF cannot quantize the model ({first_line(exc, 200)})") from None
     if scheme != "ort-x86":
         for quantizer in _quantizers(quantized):
             if hasattr(quantizer, "signed") and not quantizer.signed:
                 quantizer.signed = True
+    _disable_mask_quantizers(quantized, samples[0])
     return quantized
+
+
+_MASK_MAGNITUDE = 1e30   # additive attention masks hold the float minimum (-3.4e38) where a token is masked
+
+
+def _disable_mask_quantizers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    """A quantizer on an additive attention mask turns its -3.4e38 entries into NaN, and quantizing a mask means
+    nothing: such quantizers are found by running the model once and turned off."""
+    def run():
+        with torch.no_grad():
+            model.eval()(*example)
+    return _disable_quantizers_where(model, run, lambda x: bool(x.is_floating_point() and x.numel()
+                                                                and x.detach().abs().max() >= _MASK_MAGNITUDE))
+
+
+def _disable_integer_quantizers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    """NNCF names its quantizers' places by call order. Tracing for the ONNX export records size arithmetic as int64
+    tensor ops that eager runs never made (a transformer's `seq_length + past_length`), so a quantizer can land on
+    an int64 tensor, and a QuantizeLinear of int64 is not valid ONNX. Such quantizers are found by tracing the model
+    once, as the export will, and turned off."""
+    def trace():
+        with torch.no_grad(), quiet("torch", "nncf", hide_warnings=True):
+            torch.jit.trace(model.eval(), example if len(example) > 1 else example[0], check_trace=False)
+    return _disable_quantizers_where(model, trace, lambda x: not torch.is_floating_point(x))
+
+
+def _disable_quantizers_where(model: nn.Module, run, refuses) -> int:
+    """Runs `run` with every quantizer watching its input, and turns off those whose input `refuses`."""
+    refused = []
+    hooks = [q.register_forward_pre_hook(lambda module, args: refused.append(module) if refuses(args[0]) else None)
+             for q in _quantizers(model)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for quantizer in dict.fromkeys(refused):
+        quantizer.disable_quantization()
+    return len(set(refused))
+
+
+def _float_ops(model: nn.Module):
+    """Ops NNCF must leave in float: a LayerNorm's weight would get an activation quantizer (uint8 for ort-x86, which
+    no runtime takes as a weight), and its normalisation is precision-sensitive anyway. NNCF's TRANSFORMER model type
+    would skip it too, but quantizes attention's MatMul inputs as signed int8, which the ort-x86 scheme does not
+    take."""
+    import nncf
+
+    return nncf.IgnoredScope(types=["layer_norm"], validate=False) if has_attention(model) else None
 
 
 def _quantizers(model: nn.Module) -> list[nn.Module]:

@@ -18,8 +18,7 @@ def store_weights_int8(path: Path) -> int:
     NNCF's export keeps FP32 weights under a Q/DQ pair. Returns how many weights were converted."""
     proto = onnx.load(str(path))
     graph = proto.graph
-    stored = {t.name: t for t in graph.initializer}
-    stored.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    stored = _stored(graph)
     converted = []
     for node in graph.node:
         if node.op_type == "QuantizeLinear" and all(name in stored for name in node.input if name):
@@ -33,12 +32,62 @@ def store_weights_int8(path: Path) -> int:
     return len(converted)
 
 
+def requantize_concats(path: Path) -> int:
+    """NNCF gives a Concat's inputs one shared scale and leaves its output unquantized: in Q/DQ form the next layer
+    then takes a float input and runs in float (a U-Net's decoder convolutions). Where every input of a Concat is
+    dequantized with the same scale and zero point, its output lies on that grid already: a Q/DQ pair with them
+    is exact and lets runtimes fuse the Concat and the layers after it into INT8. Returns how many were added."""
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    stored = {name: numpy_helper.to_array(t) for name, t in _stored(graph).items()}
+    producers = {out: n for n in graph.node for out in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    added = 0
+    for node in list(graph.node):
+        sources = [producers.get(name) for name in node.input]
+        if node.op_type != "Concat" or node.output[0] in graph_outputs or not all(
+                s is not None and s.op_type == "DequantizeLinear" for s in sources):
+            continue
+        grids = {_grid(source, stored) for source in sources}
+        if len(grids) != 1 or None in grids:
+            continue
+        scale, zero_point = sources[0].input[1], sources[0].input[2] if len(sources[0].input) > 2 else ""
+        quantized, dequantized = f"{node.output[0]}_requantized", f"{node.output[0]}_dequantized"
+        for consumer in graph.node:
+            consumer.input[:] = [dequantized if name == node.output[0] else name for name in consumer.input]
+        position = list(graph.node).index(node) + 1
+        graph.node.insert(position, helper.make_node("QuantizeLinear", [node.output[0], scale, zero_point],
+                                                     [quantized], name=f"{node.name}_requantize"))
+        graph.node.insert(position + 1, helper.make_node("DequantizeLinear", [quantized, scale, zero_point],
+                                                         [dequantized], name=f"{node.name}_dequantize"))
+        added += 1
+    if added:
+        onnx.save(proto, str(path))
+    return added
+
+
+def _grid(dequantize: onnx.NodeProto, stored: dict) -> tuple | None:
+    """A per-tensor DequantizeLinear's (scale, zero point) as values, or None (per-channel, or not stored)."""
+    names = list(dequantize.input[1:3])
+    if not all(name in stored for name in names) or any(stored[name].size != 1 for name in names):
+        return None
+    return tuple((float(stored[name]), str(stored[name].dtype)) for name in names)
+
+
 def check_scheme(path: Path, scheme: str) -> None:
     """Raises naming every node that breaks the scheme's rules: such a file must not reach a target."""
     violations = qdq_rules.validate(Path(path), scheme)
     if violations:
         shown = "; ".join(str(v) for v in violations[:5])
         raise ExportError(f"the INT8 ONNX breaks the '{scheme}' Q/DQ rules at {len(violations)} node(s): {shown}")
+
+
+def _stored(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every tensor the file stores: initializers and Constant nodes' values, by name."""
+    stored = {t.name: t for t in graph.initializer}
+    stored.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].name == "value"})
+    return stored
 
 
 def _evaluate(node: onnx.NodeProto, stored: dict, opsets) -> np.ndarray:

@@ -101,7 +101,7 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
         raise BackendError(f"TVM cannot import these ONNX ops: {listed}; use backend onnxruntime for this model or "
                            "export it without them")
     start = time.time()
-    shapes = _static_shapes(model, options.batch_size)
+    shapes = _static_shapes(model, options.batch_size, _declared_shapes(Path(onnx_path).with_name("io.json")))
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     target_dict = resolved_target(profile, tuning=options.tuning_trials > 0)
     target = tvm.target.Target(target_dict)
@@ -121,11 +121,28 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
             "batch_size": options.batch_size, "tuning": tuning, "compile_seconds": round(time.time() - start, 2)}
 
 
-def _static_shapes(model: onnx.ModelProto, batch_size: int) -> dict[str, list[int]]:
-    """Every symbolic dimension (the batch axis) fixed to `batch_size`: MetaSchedule tunes static shapes."""
-    initializers = {i.name for i in model.graph.initializer}
-    return {i.name: [d.dim_value if d.HasField("dim_value") else batch_size for d in i.type.tensor_type.shape.dim]
+def _static_shapes(model: onnx.ModelProto, batch_size: int, declared: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every symbolic dimension fixed (MetaSchedule tunes static shapes): the batch axis to `batch_size`, any other
+    (a sequence length) to the size the model's input spec declares."""
+    initializers = {t.name for t in model.graph.initializer}
+
+    def size(name: str, axis: int, dim) -> int:
+        if dim.HasField("dim_value"):
+            return dim.dim_value
+        if axis == 0:
+            return batch_size
+        return declared.get(name, [])[axis] if axis < len(declared.get(name, [])) else 1
+
+    return {i.name: [size(i.name, axis, d) for axis, d in enumerate(i.type.tensor_type.shape.dim)]
             for i in model.graph.input if i.name not in initializers}
+
+
+def _declared_shapes(io_json: Path) -> dict[str, list[int]]:
+    """Input shapes from the io.json beside the ONNX file (the pipeline writes one), or none."""
+    try:
+        return {i["name"]: list(i["shape"]) for i in json.loads(io_json.read_text())["inputs"]}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def _tune(mod, target, onnx_path: Path, profile: Profile, options: CompileOptions):

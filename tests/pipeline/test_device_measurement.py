@@ -74,6 +74,10 @@ def test_every_candidate_is_checked_and_timed_on_the_device_and_the_fastest_wins
     manifest = json.loads((tmp_path / "run/bundles/lab-x86/manifest.json").read_text())
     assert manifest["latency_measured_on"] == here and manifest["parity"]["device"]["passed"]
     assert manifest["latency_ms"]["p50"] == best["latency_ms"]["p50"] and manifest["device"]["cpu_count"] >= 1
+    # fidelity to the trained model, measured on the device by the bundle against its fidelity_reference.npz
+    device_fidelity = manifest["parity"]["device"]["fidelity"]
+    assert device_fidelity["cosine"] > 0.999 and manifest["fidelity"] == device_fidelity
+    assert all(r["fidelity"]["cosine"] > 0.999 for r in lab)
     # The same tracker has no device for the other profile's key: chosen by preference, the reason shown, no failure.
     offline = chosen(rows, "lab-offline")
     assert "not measured" in offline["status"] and offline["latency_ms"] is None

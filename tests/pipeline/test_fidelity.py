@@ -57,6 +57,8 @@ def test_label_free_prune_distill_qat_keeps_fidelity_on_every_row(trained_segmen
     assert rows["model"]["accuracy"] is None and rows["model"]["fidelity"]["cosine"] == pytest.approx(1.0)
     int8 = rows["qat:ort-x86"]
     assert int8["int8_vs_fp32"]["passed"] and int8["int8_vs_fp32"]["cosine"] >= 0.98
+    qat = json.loads((tmp_path / "run/stages/02-qat-ort-x86/sidecar.json").read_text())["facts"]["stage_metrics"]
+    assert qat["concats_requantized"] == 2   # the decoder's skip concatenations stay in INT8
     assert int8["fidelity"]["cosine"] > 0.9
     compiled = [r for r in result.rows if r["target"] == "x86-host"]
     assert compiled and all(r["fidelity"] and r["fidelity"]["cosine"] > 0.9 for r in compiled)
@@ -149,3 +151,34 @@ def test_fidelity_figures_are_measured_not_assumed():
     logits = rng.normal(size=(10, 5))
     two = fidelity([logits, maps[:10]], [logits, -maps[:10]])   # the worst output decides
     assert two["cosine"] == pytest.approx(-1.0) and two["top1_agreement"] == 1.0
+
+
+EMBEDDER = {"vocab_size": 17, "seq_len": 64, "dim": 32, "depth": 1, "num_heads": 4, "num_classes": 10,
+            "pooling": "mean", "dropout": 0.0}
+TOKENS = {"factory": "edgesmith.benchmarks.tasks:digit_tokens"}
+
+
+def test_an_embedding_model_prunes_whole_heads_and_distils_without_labels(tmp_path):
+    """Trained as a digit classifier on real digits (pixels as tokens), compressed as an embedding model."""
+    cache = tmp_path / "cache"
+    classifier = run(load_recipe({"name": "embedder", "model": {"name": "tiny_transformer", "kwargs": EMBEDDER},
+                                  "data": TOKENS, "stages": [{"kind": "train", "epochs": 8, "lr": 0.01,
+                                                              "augment": False}], "targets": []}),
+                     tmp_path / "train", cache)
+    assert classifier.rows[0]["accuracy"] > 25   # chance: 10 %; pixels as tokens are a hard task for 1 layer
+    embedding = {"name": "tiny_transformer", "kwargs": {**EMBEDDER, "output": "embedding"},
+                 "checkpoint": str(tmp_path / "train/stages/01-train/model.safetensors")}
+    prune = {"kind": "prune", "ratio": 0.5}
+    common = {"model": embedding, "data": {**TOKENS, "kwargs": {"targets": "none"}}, "targets": []}
+    bare = run(load_recipe({"name": "bare", **common, "stages": [prune]}), tmp_path / "bare", cache)
+    result = run(load_recipe({"name": "label-free", **common, "stages": [
+        {**prune, "finetune": {"epochs": 4, "lr": 1e-3, "augment": False, "distillation": {"loss": "cosine"}}},
+        {"kind": "qat", "epochs": 1, "augment": False, "distillation": {"loss": "cosine"}, "schemes": ["ort-x86"]}]}),
+        tmp_path / "run", cache)
+    rows = {r["stage"]: r for r in result.rows}
+    assert rows["model"]["accuracy"] is None and rows["model"]["fidelity"]["cosine"] == pytest.approx(1.0)
+    pruned_bare = next(r for r in bare.rows if r["stage"] == "prune")["fidelity"]["cosine"]
+    assert rows["prune"]["fidelity"]["cosine"] > max(pruned_bare + 0.01, 0.9)   # recovered without labels
+    facts = json.loads((tmp_path / "run/stages/01-prune/sidecar.json").read_text())["facts"]["stage_metrics"]
+    assert facts["heads_after"] == {"layers.0.attention": 2}
+    assert rows["qat:ort-x86"]["int8_vs_fp32"]["passed"] and rows["qat:ort-x86"]["fidelity"]["cosine"] > 0.9

@@ -57,11 +57,34 @@ def test_tensorrt_needs_zero_zero_points():
     assert any(f.startswith("act_q: non-zero zero point") for f in found)
 
 
+def qdq_matmul(w_axis: int, op: str = "MatMul", trans_b: int = 0) -> onnx.ModelProto:
+    """input (2, 8) → MatMul/Gemm with an int8 weight per channel on `w_axis`: (8, 4), or (4, 8) for transB."""
+    shape = (4, 8) if trans_b else (8, 4)
+    inits = [numpy_helper.from_array(np.ones(shape, np.int8), "w_q"),
+             numpy_helper.from_array(np.full(shape[w_axis], 0.05, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(shape[w_axis], np.int8), "w_zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="weight_dq", axis=w_axis),
+             helper.make_node(op, ["input", "w"], ["output"], name="mm",
+                              **({"transB": trans_b} if op == "Gemm" else {}))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def test_tensorrt_weight_axis_and_per_channel_activations():
-    assert "weight_dq: weight quantized per-channel on axis 1; TensorRT needs axis 0" in \
-        rules(qdq_conv(w_axis=1), "tensorrt")
+    assert "weight_dq: weight quantized per-channel on axis 1; TensorRT needs the output-channel axis of its Conv, " \
+           "0" in rules(qdq_conv(w_axis=1), "tensorrt")
     per_channel_act = qdq_conv(act_scale=np.full(3, 0.1, np.float32), act_zp=np.zeros(3, np.int8))
     assert any("activation quantized per-channel" in f for f in rules(per_channel_act, "tensorrt"))
+
+
+@pytest.mark.parametrize("op, trans_b, legal, illegal", [("MatMul", 0, 1, 0), ("Gemm", 0, 1, 0), ("Gemm", 1, 0, 1)])
+def test_matmul_and_gemm_weights_are_per_output_channel(op, trans_b, legal, illegal):
+    """NVIDIA's rule follows the output channels: a MatMul weight (K, N) on its last axis (what ONNX Runtime's
+    quantizer writes for transformers), a Gemm weight on 0 only when it is transposed."""
+    assert rules(qdq_matmul(legal, op, trans_b), "tensorrt") == []
+    assert any(f"needs the output-channel axis of its {op}, {legal}" in f
+               for f in rules(qdq_matmul(illegal, op, trans_b), "tensorrt"))
 
 
 def test_uint8_weights_are_named():
