@@ -16,6 +16,7 @@ from safetensors.torch import load_model, save_model
 from edgesmith import models
 from edgesmith.errors import ModelError, first_line
 from edgesmith.models import InputSpec, input_spec_of
+from edgesmith.pipeline.attention import SPLIT, split_modules, split_multihead_attention
 from edgesmith.pipeline.checkpoint import apply_state_dict, read_state_dict
 from edgesmith.pipeline.config import ModelConfig
 from edgesmith.pipeline.user_code import resolve_callable, source_sha256
@@ -78,14 +79,18 @@ def save_model_artifact(model: nn.Module, cfg: ModelConfig, specs: tuple[InputSp
     """Weights plus, for structurally changed (pruned) models, the module attributes that differ from a fresh
     build (channel counts, head counts) as JSON: reloading needs no pickle and works for any architecture."""
     save_model(model, str(out_dir / WEIGHTS))  # handles tied weights; plain tensors only
+    fresh = _rebuild(cfg)
+    replaced = {SPLIT: split_multihead_attention(fresh, split_modules(model))}   # compared like for like
     arch = {"model": cfg.model_dump(mode="json"), "inputs": [s.to_dict() for s in specs],
-            "changed_attributes": _changed_attributes(model, _rebuild(cfg))}
+            "replaced_modules": replaced if replaced[SPLIT] else {},
+            "changed_attributes": _changed_attributes(model, fresh)}
     (out_dir / ARCH).write_text(json.dumps(arch, indent=2))
 
 
 def load_model_artifact(artifact: Path) -> tuple[nn.Module, tuple[InputSpec, ...]]:
     arch = json.loads((artifact / ARCH).read_text())
     model = _rebuild(ModelConfig(**arch["model"]))
+    split_multihead_attention(model, arch.get("replaced_modules", {}).get(SPLIT, []))
     modules = dict(model.named_modules())
     for name, attrs in arch.get("changed_attributes", {}).items():
         for attr, value in attrs.items():

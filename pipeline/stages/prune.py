@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from edgesmith.errors import ModelError, first_line
+from edgesmith.pipeline.attention import split_multihead_attention
 from edgesmith.pipeline.config import FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import model_size, top1_applies
@@ -46,6 +47,7 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
 
     example = tuple(spec.example(2) for spec in ctx.specs)
     params_before, macs_before = model_size(model, ctx.specs)
+    split = _split_multihead_attention(model, example)
     heads_before = _head_counts(model)
     attention = {m: _head_size(m) for m in _attention_modules(model)}   # the head size stays; the count shrinks
     num_heads = {proj: _heads(m) for m in attention for proj in _projections(m)}
@@ -79,7 +81,8 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
     params, macs = model_size(model, ctx.specs)
     return StageResult(model.eval(), {
         "params_before": params_before, "macs_before": macs_before, "params_after": params, "macs_after": macs,
-        "heads_before": heads_before, "heads_after": _head_counts(model), "finetune_history": history})
+        "heads_before": heads_before, "heads_after": _head_counts(model), "multihead_attention_split": split,
+        "finetune_history": history})
 
 
 def _importance(name: str):
@@ -116,9 +119,27 @@ def _set_heads(module: nn.Module, heads: int) -> None:
         module.all_head_size = _projections(module)[0].out_features
 
 
-def _output_shapes(model: nn.Module, example) -> list[tuple[int, ...]]:
+def _split_multihead_attention(model: nn.Module, example) -> list[str]:
+    """nn.MultiheadAttention packs q/k/v and can only narrow every head; its split form loses whole heads. The
+    replacement must compute the same outputs, or it is refused."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return []
+    before = [o.clone() for o in output_tensors(_eval_outputs(model, example))]
+    split = split_multihead_attention(model)
+    after = output_tensors(_eval_outputs(model, example))
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(after, before)):
+        raise ModelError(f"prune: splitting nn.MultiheadAttention {split} changed the model's outputs; name them in "
+                         "prune.ignored_layers")
+    return split
+
+
+def _eval_outputs(model: nn.Module, example):
     with torch.no_grad():
-        return [tuple(o.shape) for o in output_tensors(model.eval()(*example))]
+        return model.eval()(*example)
+
+
+def _output_shapes(model: nn.Module, example) -> list[tuple[int, ...]]:
+    return [tuple(o.shape) for o in output_tensors(_eval_outputs(model, example))]
 
 
 def _check_outputs_kept(model: nn.Module, example, before: list[tuple[int, ...]]) -> None:

@@ -81,3 +81,58 @@ def test_pipeline_prune_with_iterative_distillation_finetune(tmp_path, cache_dir
     sidecar = (tmp_path / "run/stages/02-prune/sidecar.json").read_text()
     assert '"finetune_history"' in sidecar and sidecar.count('"epoch"') == 2
     assert result.rows[-1]["target"] == "x86-host" and result.rows[-1]["params"] == pruned["params"]
+
+
+class TorchEncoder(torch.nn.Module):
+    """torch's own nn.TransformerEncoder (packed nn.MultiheadAttention) with a mean-pooled embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.input_spec = (models.InputSpec("ids", (1, 12), dtype="int64", value_range=(0, 50)),)
+
+    def forward(self, ids):
+        return self.encoder(self.embed(ids), src_key_padding_mask=ids == 0).mean(1)
+
+
+def torch_encoder():
+    return TorchEncoder()
+
+
+def test_multihead_attention_loses_whole_heads_and_reloads(tmp_path):
+    model = torch_encoder().eval()
+    specs = models.input_spec_of(model)
+    data = load_dataset(DataConfig(name="synthetic", samples=32), specs)
+    ids = specs[0].example(3)
+    ids[0, -3:] = 0   # padding keys: the key padding mask must survive the split
+    before = model(ids)
+    result = prune.run(PruneStage(kind="prune", ratio=0.5), model, data, StageContext(specs=specs, eval_batch_size=16))
+    pruned = result.model
+    assert result.metrics["multihead_attention_split"] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert set(result.metrics["heads_before"].values()) == {4} and set(result.metrics["heads_after"].values()) == {2}
+    assert pruned(ids).shape == before.shape   # the embedding keeps its size
+    cfg = ModelConfig(factory="tests.pipeline.stages.test_prune:torch_encoder")
+    save_model_artifact(pruned, cfg, specs, tmp_path)
+    reloaded, _ = load_model_artifact(tmp_path)
+    assert torch.allclose(reloaded(ids), pruned(ids), atol=1e-5)
+    export_onnx(reloaded, specs, ExportConfig(), tmp_path / "m.onnx")
+    assert check_parity(reloaded, tmp_path / "m.onnx", data, specs, ParityConfig(), 16)["cosine"] > 0.9999
+
+
+def test_split_attention_computes_what_multihead_attention_does():
+    from edgesmith.pipeline.attention import SplitHeadAttention
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        split = SplitHeadAttention.from_module(mha).eval()
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        memory = torch.randn(2, 7, 16) if batch_first else torch.randn(7, 2, 16)
+        padding = torch.zeros(2, 7, dtype=torch.bool)
+        padding[1, -2:] = True
+        causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+        expected = mha(x, memory, memory, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
+        assert torch.allclose(split(x, memory, memory, key_padding_mask=padding, attn_mask=causal)[0], expected,
+                              atol=1e-5)
