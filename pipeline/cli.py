@@ -58,13 +58,19 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Stage cache (default: "
                                                  "$EDGESMITH_CACHE_DIR or ~/.cache/edgesmith)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step, replacing cached ones."),
+        targets: Optional[str] = typer.Option(None, "--targets", help="Device profiles, comma-separated (replaces "
+                                              "the recipe's targets), e.g. x86-host,raspberry-pi-4."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Run a recipe: model → stages → ONNX export (parity gate) → per-target compile and benchmark."""
     with _user_errors(debug):
+        import json
+
         import edgesmith
         from edgesmith.pipeline import report
 
-        resolved = edgesmith.load_recipe(recipe, set_ or [])
+        chosen = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
+        resolved = edgesmith.load_recipe(recipe, [*(set_ or []), *([f"targets={json.dumps(chosen)}"]
+                                                                    if chosen is not None else [])])
         if dry_run:
             stdout.print(resolved.to_yaml(), highlight=False, end="")
             return
@@ -126,8 +132,8 @@ def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesm
     with _user_errors():
         from edgesmith import load_profile
 
-        stdout.print(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False), highlight=False,
-                     end="")
+        stdout.print(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False, allow_unicode=True,
+                                     width=110), highlight=False, end="")   # "4× Cortex-A57", not an escape
 
 
 @bundle_app.command("verify")

@@ -83,7 +83,7 @@ class Recipe(Strict):
         return self.stages[-1] if self.stages and entry_for(self.stages[-1]).quantizes else None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
 def load_recipe(source: Path | str | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

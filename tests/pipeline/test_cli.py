@@ -38,6 +38,14 @@ def test_dry_run_prints_the_resolved_recipe(tmp_path):
     assert "epochs: 2" in proc.stdout and not (tmp_path / "r").exists()
 
 
+def test_targets_option_replaces_the_recipes_targets_and_profiles_print_unicode():
+    proc = edgesmith("run", "--dry-run", "--targets", "x86-host, raspberry-pi-4", check=True)
+    assert "targets:\n- x86-host\n- raspberry-pi-4\n" in proc.stdout
+    wrong = edgesmith("run", "--dry-run", "--targets", "x86-hots")
+    assert wrong.returncode == 2 and "did you mean 'x86-host'" in wrong.stderr
+    assert "4× Cortex-A57" in edgesmith("targets", "show", "jetson-nano", check=True).stdout
+
+
 SHORT_DEFAULT = ("--set", "stages.0.epochs=2", "--set", "stages.1.finetune.epochs=1", "--set", "stages.2.epochs=1",
                  "--set", "bench.runs=20", "--set", "budget.max_accuracy_drop=null")
 
