@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesmith.benchmarks.harness import measure
+from edgesmith.targets.backends import declared_input_shapes
 from edgesmith.targets.bundle_files.edgesmith_runtime import OnnxRuntimeModel
 
 LATENCY_BATCHES = (1, 32)
@@ -52,21 +53,13 @@ def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, flo
     for _ in range(ROUNDS):
         for label, path in files.items():
             session = OnnxRuntimeModel(path).session   # the pipeline's own session set-up
-            declared = _declared_shapes(Path(path).with_name("io.json"))
+            declared = declared_input_shapes(path)
             feed = {i.name: _example(i, batch, declared.get(i.name), rng) for i in session.get_inputs()}
             stats = measure(lambda: session.run(None, feed),  # noqa: B023 (called at once, inside the loop)
                             warmup=5, runs=max(5, runs // ROUNDS), batch_size=batch, threads=0, min_warmup_s=0.2)
             p50s[label].append(stats.p50)
             session = None  # its thread pool goes now, before the next model's session starts
     return {label: float(np.median(values)) for label, values in p50s.items()}
-
-
-def _declared_shapes(io_json: Path) -> dict[str, list[int]]:
-    """The input shapes the pipeline's io.json beside an ONNX file declares (a sequence length, say), or none."""
-    try:
-        return {i["name"]: i["shape"] for i in json.loads(io_json.read_text())["inputs"]}
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 def _example(graph_input, batch: int, declared: list[int] | None, rng: np.random.Generator) -> np.ndarray:

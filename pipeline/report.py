@@ -59,7 +59,7 @@ def check_budget(result_rows: list[dict], budget: BudgetConfig) -> None:
             continue
         if max_drop is not None and baseline is not None and r["accuracy"] is not None \
                 and baseline - r["accuracy"] > max_drop:
-            top1 = r.get("metric", "auto") in ("auto", "top1")
+            top1 = _is_top1(r)
             value = (lambda v: f"{v:.2f}%") if top1 else (lambda v: f"{v:.4g}")
             drop = f"{baseline - r['accuracy']:.2f}" if top1 else f"{baseline - r['accuracy']:.4g}"
             raise BudgetError(f"stage '{r['stage']}' dropped {'accuracy' if top1 else 'metric ' + r['metric']} "
@@ -109,7 +109,12 @@ def _accuracy(row: dict) -> str:
     """The task metric: top-1 in percent, a user's metric as it returned, n/a where none applies."""
     if row["accuracy"] is None:
         return "n/a"
-    return f"{row['accuracy']:.2f}%" if row.get("metric", "auto") in ("top1", "auto") else f"{row['accuracy']:.4g}"
+    return f"{row['accuracy']:.2f}%" if _is_top1(row) else f"{row['accuracy']:.4g}"
+
+
+def _is_top1(row: dict) -> bool:
+    """Top-1 accuracy in percent (the default metric); a user's metric is shown and budgeted as it returned."""
+    return row.get("metric", "auto") in ("auto", "top1")
 
 
 def _fidelity_cells(row: dict) -> list[str]:

@@ -4,6 +4,7 @@ module; measuring on a device over RPC is targets/device.py, for every backend."
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,16 @@ from edgesmith.errors import EdgesmithError
 
 _DIR = Path(__file__).parent
 BUNDLE_FILES = _DIR.parent / "bundle_files"
+
+
+def declared_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
+    """Input shapes from the io.json the pipeline writes beside an ONNX file (a sequence length a symbolic axis
+    hides, say), or none for a file from elsewhere."""
+    try:
+        spec = json.loads(Path(onnx_path).with_name("io.json").read_text())
+        return {i["name"]: list(i["shape"]) for i in spec["inputs"]}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 class BackendError(EdgesmithError, ValueError):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable
+from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable, declared_input_shapes
 from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256
 from edgesmith.targets.profile import Profile
 
@@ -101,7 +101,7 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
         raise BackendError(f"TVM cannot import these ONNX ops: {listed}; use backend onnxruntime for this model or "
                            "export it without them")
     start = time.time()
-    shapes = _static_shapes(model, options.batch_size, _declared_shapes(Path(onnx_path).with_name("io.json")))
+    shapes = _static_shapes(model, options.batch_size, declared_input_shapes(onnx_path))
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     target_dict = resolved_target(profile, tuning=options.tuning_trials > 0)
     target = tvm.target.Target(target_dict)
@@ -135,14 +135,6 @@ def _static_shapes(model: onnx.ModelProto, batch_size: int, declared: dict[str, 
 
     return {i.name: [size(i.name, axis, d) for axis, d in enumerate(i.type.tensor_type.shape.dim)]
             for i in model.graph.input if i.name not in initializers}
-
-
-def _declared_shapes(io_json: Path) -> dict[str, list[int]]:
-    """Input shapes from the io.json beside the ONNX file (the pipeline writes one), or none."""
-    try:
-        return {i["name"]: list(i["shape"]) for i in json.loads(io_json.read_text())["inputs"]}
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 def _tune(mod, target, onnx_path: Path, profile: Profile, options: CompileOptions):
