@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgesmith.benchmarks.compression import main, pipeline_run, side_by_side
+from edgesmith.benchmarks.compression import main, pipeline_run, pipeline_runs, side_by_side
 
 INT8_MIN_COSINE, PRUNED_MIN_COSINE, MIN_SPEEDUP = 0.99, 0.97, 2.5
 
@@ -35,9 +35,9 @@ def _reference_and_compressed(name: str, train_model: dict, model: dict, train_d
                                                     "budget.max_accuracy_drop=null"], work, cache)
     reference = {**model, "checkpoint": str(trained / "stages/01-train/model.safetensors")}
     on_reference = [f"model={_yaml(reference)}", f"data={_yaml(data)}", *common]
-    ptq_out, ptq_rows = pipeline_run(f"{name}-ptq", [*on_reference, "stages=[{kind: ptq}]"], work, cache)
-    pruned_out, pruned_rows = pipeline_run(f"{name}-pruned", [*on_reference, f"stages=[{_yaml(prune)}, {_yaml(qat)}]"],
-                                           work, cache)
+    runs = pipeline_runs({f"{name}-ptq": [*on_reference, "stages=[{kind: ptq}]"],
+                          f"{name}-pruned": [*on_reference, f"stages=[{_yaml(prune)}, {_yaml(qat)}]"]}, work, cache)
+    (ptq_out, ptq_rows), (pruned_out, pruned_rows) = runs[f"{name}-ptq"], runs[f"{name}-pruned"]
     rows = {"fp32": (_stage(ptq_rows, "export"), ptq_out / "export/model.onnx"),
             "int8 (ptq)": (_stage(ptq_rows, "ptq:ort-x86"), ptq_out / "stages/01-ptq-ort-x86/model.onnx"),
             "pruned 50% + distilled": (_stage(pruned_rows, "prune"), pruned_out / "stages/01-prune/onnx/model.onnx"),

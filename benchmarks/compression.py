@@ -2,11 +2,11 @@
 
     python -m edgesmith.benchmarks.compression [b1 b2 b3 b4 b5 | all] [--quick] [--json FILE] [--cache-dir DIR]
 
-Each benchmark runs the pipeline's CLI in a subprocess (benchmarks never import the pipeline), reads the
-accuracies from its results.json, then times the ONNX files it wrote with ONNX Runtime in this process,
-interleaved round by round so that every model sees the same machine state. Latency ratios are FP32 p50 over
-the compressed model's p50, at batch 1 and at batch 32. `--quick` shortens training so each finishes in a few
-minutes; its accuracies are not the targets' figures.
+Each benchmark runs its pipeline runs as one `edgesmith batch` in a subprocess (benchmarks never import the
+pipeline; independent runs go in parallel and share the cache), reads the accuracies from each run's results.json,
+then times the ONNX files they wrote with ONNX Runtime in this process, interleaved round by round so that every
+model sees the same machine state. Latency ratios are FP32 p50 over the compressed model's p50, at batch 1 and at
+batch 32. `--quick` shortens training so each finishes in a few minutes; its accuracies are not the targets' figures.
 """
 from __future__ import annotations
 
@@ -34,15 +34,26 @@ class Target:
     max_drop: float | None      # accuracy points
 
 
-def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[Path, list[dict]]:
-    out = work / name
-    args = [sys.executable, "-m", "edgesmith", "run", "--out", str(out), "--cache-dir", str(cache)]
-    args += [a for s in sets for a in ("--set", s)]
-    print(f"· {name}: edgesmith run {' '.join(repr(s) for s in sets)}", flush=True)
-    proc = subprocess.run(args, capture_output=True, text=True)
+def pipeline_runs(runs: dict[str, list[str]], work: Path, cache: Path) -> dict[str, tuple[Path, list[dict]]]:
+    """Runs the default recipe with each run's `--set` overrides as one `edgesmith batch` (jobs in parallel, sharing
+    the cache: a training several runs share is done once); returns each run's folder and results.json rows."""
+    batch = work / f"batch-{len(list(work.glob('batch-*')))}"
+    batch.mkdir(parents=True)
+    matrix = batch / "matrix.yaml"   # JSON is YAML
+    matrix.write_text(json.dumps({"name": "benchmark", "models": [
+        {"name": "mnist_cnn", "label": name, "set": sets} for name, sets in runs.items()]}))
+    for name, sets in runs.items():
+        print(f"· {name}: edgesmith run {' '.join(repr(s) for s in sets)}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "edgesmith", "batch", str(matrix), "--out", str(batch),
+                           "--cache-dir", str(cache), "--quiet"], capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{name}: edgesmith run failed:\n{proc.stderr[-3000:]}")
-    return out, json.loads((out / "results.json").read_text())
+        sys.exit(f"edgesmith batch failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return {name: (batch / "jobs" / name, json.loads((batch / "jobs" / name / "results.json").read_text()))
+            for name in runs}
+
+
+def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[Path, list[dict]]:
+    return pipeline_runs({name: sets}, work, cache)[name]
 
 
 def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, float]:
@@ -156,12 +167,13 @@ def b4(work: Path, cache: Path, quick: bool) -> dict:
     train, finetune = ("{kind: train, epochs: 3}", 2) if quick else ("{kind: train, epochs: 10}", 6)
     prune = f"{{kind: prune, ratio: 0.5, finetune: {{epochs: {finetune}, lr: 0.003, distill: true}}}}"
     base = ["budget.max_accuracy_drop=null"]
-    out, rows = pipeline_run("B4-qat", base + [_stages(train, prune, "{kind: qat, epochs: 2, distill: true}")],
-                             work, cache)
+    runs = pipeline_runs({"B4-qat": base + [_stages(train, prune, "{kind: qat, epochs: 2, distill: true}")], **{
+        f"B4-ptq-{method}": base + [_stages(train, prune, f"{{kind: ptq, calibration: {method}}}")]
+        for method in ("minmax", "percentile", "entropy")}}, work, cache)
+    out, rows = runs["B4-qat"]
     models = {"fp32 (pruned)": (out / "export/model.onnx", _row(rows, "export")["accuracy"])}
     for method in ("minmax", "percentile", "entropy"):
-        ptq_out, ptq_rows = pipeline_run(f"B4-ptq-{method}", base + [
-            _stages(train, prune, f"{{kind: ptq, calibration: {method}}}")], work, cache)
+        ptq_out, ptq_rows = runs[f"B4-ptq-{method}"]
         models[f"our ptq {method}"] = (ptq_out / "stages/03-ptq-ort-x86/model.onnx",
                                        _row(ptq_rows, "ptq:ort-x86")["accuracy"])
     models["ort quantize_static"] = _ort_quantize_static(out, work)
@@ -204,12 +216,13 @@ def _ort_quantize_static(run_dir: Path, work: Path) -> tuple[Path, float]:
 def b5(work: Path, cache: Path, quick: bool) -> dict:
     """Distillation ablation: prune 70 % with and without distillation fine-tuning."""
     train, finetune = ("{kind: train, epochs: 3}", 2) if quick else ("{kind: train, epochs: 10}", 6)
+    prune = "{{kind: prune, ratio: 0.7, finetune: {{epochs: {}, lr: 0.003, distill: {}}}}}"
+    runs = pipeline_runs({f"B5-distill-{distill}": ["budget.max_accuracy_drop=null", f"stages=[{train}, "
+                                                    f"{prune.format(finetune, str(distill).lower())}]"]
+                          for distill in (False, True)}, work, cache)
     accuracy = {}
     for distill in (False, True):
-        prune = (f"{{kind: prune, ratio: 0.7, finetune: {{epochs: {finetune}, lr: 0.003, "
-                 f"distill: {str(distill).lower()}}}}}")
-        _, rows = pipeline_run(f"B5-distill-{distill}", ["budget.max_accuracy_drop=null", f"stages=[{train}, {prune}]"],
-                               work, cache)
+        rows = runs[f"B5-distill-{distill}"][1]
         accuracy["train"] = _row(rows, "train")["accuracy"]
         accuracy[f"pruned 70% {'with' if distill else 'without'} distillation"] = _row(rows, "prune")["accuracy"]
     print("\nB5 distillation ablation (mnist_cnn, 70 % of channels pruned)")

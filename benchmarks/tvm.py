@@ -3,19 +3,21 @@ cross-compile time of every aarch64 profile.
 
     python -m edgesmith.benchmarks.tvm [--models mnist_cnn resnet18 mobilenet_v2] [--trials 32] [--json FILE]
 
-Each figure comes from `edgesmith run` itself (a fresh process; weights at random initialisation, which does not
-change latency): the x86-host target times ONNX Runtime FP32 and TVM FP32 through the same harness, one after the
-other, and the aarch64 targets record their cross-compile seconds. Ratios are ORT p50 / TVM p50: above 1 means TVM is
-faster. Emulated or cross-compiled artifacts are never timed.
+Each figure comes from the pipeline itself (one `edgesmith batch` in a fresh process, where tuning runs alone on
+the host; weights at random initialisation, which does not change latency): the x86-host target times ONNX Runtime
+FP32 and TVM FP32 through the same harness, one after the other, and the aarch64 targets record their cross-compile
+seconds. Ratios are ORT p50 / TVM p50: above 1 means TVM is faster. Emulated or cross-compiled artifacts are never
+timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from edgesmith.benchmarks.compression import pipeline_runs
 
 MODELS = {"mnist_cnn": "{}", "resnet18": "{num_classes: 10, image_size: 64}",
           "mobilenet_v2": "{num_classes: 10, image_size: 96}"}
@@ -23,16 +25,10 @@ ARM_PROFILES = ["raspberry-pi-4", "raspberry-pi-5", "android-arm64", "jetson-nan
                 "jetson-orin-nano", "jetson-agx-orin"]
 
 
-def edgesmith_run(model: str, kwargs: str, trials: int, targets: list[str], out: Path, cache: Path) -> list[dict]:
-    sets = [f"model.name={model}", f"model.kwargs={kwargs}", "data.name=synthetic", "stages=[]",
+def run_sets(model: str, kwargs: str, trials: int, targets: list[str]) -> list[str]:
+    return [f"model.name={model}", f"model.kwargs={kwargs}", "data.name=synthetic", "stages=[]",
             "compile.precisions=[fp32]", f"compile.tvm.tuning_trials={trials}", "bench.runs=50", "bench.warmup=5",
             f"targets=[{', '.join(targets)}]", "budget.max_accuracy_drop=null"]
-    command = [sys.executable, "-m", "edgesmith", "run", "--out", str(out), "--cache-dir", str(cache),
-               *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"edgesmith run failed for {model}: {proc.stderr.strip().splitlines()[-1]}")
-    return json.loads((out / "results.json").read_text())
 
 
 def host_p50(rows: list[dict], backend: str) -> float:
@@ -40,12 +36,13 @@ def host_p50(rows: list[dict], backend: str) -> float:
 
 
 def bench_model(model: str, kwargs: str, trials: int, work: Path) -> dict:
-    untuned = edgesmith_run(model, kwargs, 0, ["x86-host", *ARM_PROFILES], work / f"{model}-untuned", work / "cache")
-    tuned = edgesmith_run(model, kwargs, trials, ["x86-host"], work / f"{model}-tuned", work / "cache")
-    tuning = json.loads((work / f"{model}-tuned/targets/x86-host/tvm-fp32/compile.json").read_text())["tuning"]
+    runs = pipeline_runs({f"{model}-untuned": run_sets(model, kwargs, 0, ["x86-host", *ARM_PROFILES]),
+                          f"{model}-tuned": run_sets(model, kwargs, trials, ["x86-host"])}, work, work / "cache")
+    (untuned_out, untuned), (tuned_out, tuned) = runs[f"{model}-untuned"], runs[f"{model}-tuned"]
+    tuning = json.loads((tuned_out / "targets/x86-host/tvm-fp32/compile.json").read_text())["tuning"]
     cross = {}
     for profile in ARM_PROFILES:
-        facts = work / f"{model}-untuned/targets/{profile}/tvm-fp32/compile.json"
+        facts = untuned_out / f"targets/{profile}/tvm-fp32/compile.json"
         cross[profile] = json.loads(facts.read_text())["compile_seconds"] if facts.is_file() else None
     ort = host_p50(untuned, "onnxruntime")
     result = {"model": model, "ort_fp32_p50_ms": ort, "tvm_untuned_p50_ms": host_p50(untuned, "tvm"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from edgesmith.pipeline.progress import silenced
 from edgesmith.pipeline.recipe import Recipe, load_recipe
@@ -10,8 +11,8 @@ from edgesmith.pipeline.run import RunResult
 from edgesmith.pipeline.run import run as run_pipeline
 from edgesmith.targets import Profile, list_profiles, load_profile
 
-__all__ = ["Profile", "Recipe", "RunResult", "default_cache_dir", "evaluate", "list_profiles", "load_profile",
-           "load_recipe", "run"]
+__all__ = ["Profile", "Recipe", "RunResult", "batch", "default_cache_dir", "evaluate", "list_profiles",
+           "load_profile", "load_recipe", "report", "run"]
 
 
 def default_cache_dir() -> Path:
@@ -23,16 +24,17 @@ def default_cache_dir() -> Path:
 
 
 def run(recipe: Recipe | str | Path | dict | None, out_dir: str | Path, cache_dir: str | Path | None = None, *,
-        use_cache: bool = True, quiet: bool = False) -> RunResult:
+        use_cache: bool = True, quiet: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
     """Runs a recipe (a Recipe, a YAML path, a dict of fields, or None for the built-in default) into `out_dir`.
 
     Returns a RunResult: `.rows` (the results rows, as in results.json), `.out_dir`, `.steps`. Every finished step is
     cached under `cache_dir` (default: `default_cache_dir()`). `quiet` prints nothing but errors; the logger
-    "edgesmith" and its level do the same for a whole program."""
+    "edgesmith" and its level do the same for a whole program. `on_step(label)` is called as each step starts
+    (`"prune (stage 2)"`, `"compile x86-host onnxruntime/int8"`)."""
     resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     with silenced(quiet):
         return run_pipeline(resolved, Path(out_dir), Path(cache_dir) if cache_dir else default_cache_dir(),
-                            use_cache=use_cache)
+                            use_cache=use_cache, on_step=on_step)
 
 
 def evaluate(onnx_path: str | Path, recipe: Recipe | str | Path | dict | None = None) -> dict:
@@ -40,3 +42,33 @@ def evaluate(onnx_path: str | Path, recipe: Recipe | str | Path | dict | None = 
     from edgesmith.pipeline.evaluate import evaluate_onnx_file
 
     return evaluate_onnx_file(Path(onnx_path), recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+
+
+def batch(matrix: str | Path, out_dir: str | Path | None = None, cache_dir: str | Path | None = None, *,
+          executor: str | None = None, ray_address: str | None = None, max_parallel: int | None = None,
+          only: str | None = None, use_cache: bool = True, quiet: bool = False):
+    """Runs every (model, recipe) job of a matrix YAML into `out_dir`/jobs/<label>/ (default runs/<matrix name>),
+    locally in a process pool or on Ray (`executor`, `ray_address` override the matrix's `executor:` section), all
+    sharing `cache_dir`. Writes results.csv, results.json, batch.json and report.html into `out_dir`.
+
+    Returns a BatchResult: `.outcomes` (per job: status, reason, rows, steps), `.rows` (results.csv's rows),
+    `.failed`. A failing job never stops the others. On Ctrl-C what finished is written, then KeyboardInterrupt."""
+    from edgesmith.pipeline.batch import run_batch
+
+    with silenced(quiet):
+        return run_batch(Path(matrix), Path(out_dir) if out_dir else None,
+                         Path(cache_dir) if cache_dir else default_cache_dir(), executor=executor,
+                         ray_address=ray_address, max_parallel=max_parallel, only=only, use_cache=use_cache,
+                         live=not quiet)
+
+
+def report(folders: list[str | Path], out_file: str | Path) -> Path:
+    """One self-contained report.html comparing any run and batch folders: per device, the metric (or fidelity)
+    against measured p50 with the Pareto front and the shipped candidates; what ships per model × device; every
+    run's stage table."""
+    from edgesmith.pipeline.cache import atomic_write_text
+    from edgesmith.pipeline.html_report import render_report
+
+    out = Path(out_file)
+    atomic_write_text(out, render_report([Path(f) for f in folders]))
+    return out

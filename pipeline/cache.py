@@ -88,6 +88,10 @@ class Store:
         with disk_space(self.root):
             (self.root / _LOCKS).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / _LOCKS
+
     def path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key[:20]}"
 

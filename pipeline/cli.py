@@ -81,6 +81,55 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
 
 
 @app.command()
+def batch(matrix: Path = typer.Argument(..., help="Matrix YAML: recipe(s), models, targets, set, executor."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Batch folder (default: runs/<matrix name>)."),
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Stage cache shared by every job "
+                                                   "(default: $EDGESMITH_CACHE_DIR or ~/.cache/edgesmith)."),
+          executor: Optional[str] = typer.Option(None, "--executor", help="local (a process pool) or ray; "
+                                                 "replaces the matrix's executor.kind."),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (auto, "
+                                                    "ray://head:10001); default: a local Ray instance."),
+          max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1, help="Jobs at once (default: "
+                                                     "as many as cores and memory allow)."),
+          only: Optional[str] = typer.Option(None, "--only", help="Run only the jobs whose label matches this "
+                                             "glob, e.g. 'mnist_cnn*'."),
+          no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step, replacing cached ones."),
+          quiet: bool = typer.Option(False, "--quiet", help="Print only errors and the final summary."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Run every (model, recipe) job of a matrix on every target; compare them in results.csv and report.html.
+    Exit code 1 when a job failed (the others finish), 130 on Ctrl-C (finished steps stay cached)."""
+    if executor not in (None, "local", "ray"):
+        Console(stderr=True).print(f"[bold red]error:[/] --executor {escape(executor)}: choose local or ray",
+                                   highlight=False)
+        raise typer.Exit(2)
+    with _user_errors(debug):
+        import edgesmith
+        from edgesmith.pipeline.batch import summary_table
+
+        try:
+            result = edgesmith.batch(matrix, out, cache_dir, executor=executor, ray_address=ray_address,
+                                     max_parallel=max_parallel, only=only, use_cache=not no_cache, quiet=quiet)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("interrupted: finished steps are cached; run the same command to resume")
+            raise typer.Exit(130) from None
+        stdout.print(summary_table(result))
+        stdout.print(f"batch folder: {result.out_dir}  (results.csv, report.html)", highlight=False)
+        if result.failed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(folders: list[Path] = typer.Argument(..., help="Run folders and/or batch folders."),
+           out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """One self-contained HTML page comparing run and batch folders: latency vs metric per device, what ships."""
+    with _user_errors(debug):
+        import edgesmith
+
+        stdout.print(f"report: {edgesmith.report(folders, out)}", highlight=False)
+
+
+@app.command()
 def evaluate(onnx_file: Path = typer.Argument(..., help="An ONNX file taking the recipe model's inputs."),
              recipe: Optional[Path] = typer.Argument(None, help="Recipe whose data and model define the inputs."),
              set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe field (repeatable)."),

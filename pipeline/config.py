@@ -5,6 +5,7 @@ puts everything together. Shared here: what several stages or steps read (traini
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -51,10 +52,24 @@ class ModelConfig(Strict):
         if self.name is not None and self.name not in models.list_models():
             raise ValueError(f"unknown model '{self.name}'{suggest(self.name, models.list_models())}; "
                              f"registered models: {', '.join(models.list_models())}")
+        if self.name is not None:
+            allowed = models.get_entry(self.name).defaults()
+            for key in self.kwargs:
+                if key not in allowed:
+                    raise ValueError(f"model '{self.name}' takes no argument '{key}'{suggest(key, list(allowed))}; "
+                                     f"its arguments: {', '.join(allowed)}")
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"model.factory '{self.factory}' must look like 'package.module:function' "
                              "or 'path/to/file.py:function'")
         return self
+
+    @property
+    def short_name(self) -> str:
+        """What results call this model: the registry name with its kwargs (`mnist_cnn-width16`) or the factory's
+        function name, as a folder-safe word."""
+        name = self.name or self.factory.rpartition(":")[2]
+        kwargs = "-".join(f"{k}{v}" for k, v in sorted(self.kwargs.items()))
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{kwargs}" if kwargs else name)
 
 
 class DataConfig(Strict):

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from edgesmith.errors import DataError, TargetError
 from edgesmith.models import InputSpec
@@ -40,7 +41,8 @@ class RunContext:
     _data: Dataset | None = None
 
     @classmethod
-    def open(cls, recipe: Recipe, out_dir: Path, cache_dir: Path, use_cache: bool) -> RunContext:
+    def open(cls, recipe: Recipe, out_dir: Path, cache_dir: Path, use_cache: bool,
+             on_step: Callable[[str], None] | None = None) -> RunContext:
         try:   # profiles are resolved before any work, so a bad one costs nothing
             profiles = [load_profile(t) for t in recipe.targets]
         except ProfileError as exc:
@@ -50,7 +52,7 @@ class RunContext:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-        return cls(recipe, out_dir, Steps(store, recipe.name, use_cache), profiles)
+        return cls(recipe, out_dir, Steps(store, recipe.name, use_cache, on_step), profiles)
 
     @property
     def store(self) -> Store:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from edgesmith.errors import DataError, first_line
 from edgesmith.models import InputSpec
+from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.config import DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -47,6 +48,7 @@ class Dataset:
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
         order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
         for start in range(0, len(split), batch_size):
+            host_lock.pause_point()   # a parallel job's latency measurement goes first
             idx = order[start:start + batch_size]
             xs = tuple(x[idx] for x in split.x)
             # geometric jitter of the inputs would misalign per-pixel targets (masks)

@@ -6,6 +6,7 @@ the device itself through a TVM RPC tracker; otherwise the profile's preference 
 "not measured". An emulated device checks parity but its timings are never latency."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -14,7 +15,7 @@ from typing import Callable
 
 from edgesmith.benchmarks.harness import summarize
 from edgesmith.errors import first_line
-from edgesmith.pipeline import bundle
+from edgesmith.pipeline import bundle, host_lock
 from edgesmith.pipeline.bench import time_runner
 from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
@@ -229,7 +230,8 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
     source = candidate.source
 
     def build(tmp: Path) -> Built:
-        facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
+        with host_lock.measuring() if options.tuning_trials else contextlib.nullcontext():   # tuning times here
+            facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
         atomic_write_json(tmp / "compile.json", facts)   # what load() needs beside the artifact
         return Built(facts={"compile": facts, "profile": profile.name})
 
@@ -237,7 +239,9 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
     try:
         candidate.compiled = ctx.steps.run("compile", f"compile {label}", {
             "input": source.key, "profile": profile.model_dump(mode="json"), "backend": candidate.backend,
-            "options": {**options.__dict__, "tuning_dir": None}},
+            "options": {**options.__dict__, "tuning_dir": None},
+            # tuning times candidates on this host: its result is this host's, and it runs alone here
+            "host": host_description() if options.tuning_trials else None},
             build, ctx.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}")
     except BackendError as exc:
         candidate.status, candidate.reason = "failed", str(exc)

@@ -21,8 +21,13 @@ if logger.level == logging.NOTSET:   # a caller's own setting wins
 console = Console(stderr=True)
 
 
+def enabled() -> bool:
+    """Whether progress (INFO) is shown: a library caller or --quiet may have silenced it."""
+    return logger.isEnabledFor(logging.INFO)
+
+
 def info(message: str) -> None:
-    if logger.isEnabledFor(logging.INFO):
+    if enabled():
         console.print(message, highlight=False, soft_wrap=True)
 
 

@@ -97,7 +97,7 @@ def load_recipe(source: Path | str | dict | None = None, overrides: list[str] | 
                 else resources.files("edgesmith.pipeline.recipes").joinpath(DEFAULT_RECIPE).read_text())
         raw = read_mapping(text, name, "a recipe", RecipeError)
     for item in overrides or ():
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return validate_recipe(raw, name)
 
 
@@ -105,7 +105,7 @@ def validate_recipe(raw: dict, source: str) -> Recipe:
     return validated(Recipe, raw, source, RecipeError, _STAGE_CLASSES)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
     """`a.b.0.c=value`: the value is parsed as YAML, so numbers, booleans, lists and null keep their types."""
     if "=" not in item:
         raise RecipeError(f"--set '{item}' must look like key.path=value (e.g. stages.0.epochs=2)")

@@ -1,6 +1,8 @@
 """Results rows, the budget check, and the run folder's results.json, results.md and manifest.json."""
 from __future__ import annotations
 
+import csv
+import io
 import time
 from pathlib import Path
 
@@ -59,7 +61,7 @@ def check_budget(result_rows: list[dict], budget: BudgetConfig) -> None:
             continue
         if max_drop is not None and baseline is not None and r["accuracy"] is not None \
                 and baseline - r["accuracy"] > max_drop:
-            top1 = _is_top1(r)
+            top1 = is_top1(r)
             value = (lambda v: f"{v:.2f}%") if top1 else (lambda v: f"{v:.4g}")
             drop = f"{baseline - r['accuracy']:.2f}" if top1 else f"{baseline - r['accuracy']:.4g}"
             raise BudgetError(f"stage '{r['stage']}' dropped {'accuracy' if top1 else 'metric ' + r['metric']} "
@@ -73,8 +75,38 @@ def check_budget(result_rows: list[dict], budget: BudgetConfig) -> None:
                                   "run folder")
 
 
+FLAT_COLUMNS = ("model", "recipe", "target", "stage", "backend", "precision", "status", "metric", "accuracy",
+                "cosine", "psnr_db", "max_abs_diff", "top1_agreement", "params", "macs", "sparsity", "onnx_bytes",
+                "p50_ms", "p90_ms", "p99_ms", "measured_on")
+
+
+def flat_rows(result_rows: list[dict], model: str, recipe: str) -> list[dict]:
+    """results.json rows as one flat record each (FLAT_COLUMNS): what results.csv holds and pandas reads as is.
+    `model`: the model's short name (a batch job's model label), `recipe`: the recipe's name."""
+    flat = []
+    for r in result_rows:
+        latency, fidelity = r.get("latency_ms") or {}, r.get("fidelity") or {}
+        flat.append({"model": model, "recipe": recipe, **{k: r.get(k) for k in (
+            "target", "stage", "backend", "precision", "status", "metric", "accuracy", "params", "macs", "sparsity",
+            "onnx_bytes", "measured_on")}, **{k: fidelity.get(k) for k in (
+                "cosine", "psnr_db", "max_abs_diff", "top1_agreement")},
+            **{f"{p}_ms": latency.get(p) for p in ("p50", "p90", "p99")}})
+        flat[-1]["status"] = flat[-1]["status"] or "ok"
+    return [{k: row[k] for k in FLAT_COLUMNS} for row in flat]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Empty cells for missing values (pandas reads them as NaN)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FLAT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
 def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started: float) -> None:
     atomic_write_json(out_dir / "results.json", result_rows)
+    write_csv(out_dir / "results.csv", flat_rows(result_rows, recipe.model.short_name, recipe.name))
     atomic_write_text(out_dir / "results.md", markdown(result_rows))
     files = {str(p.relative_to(out_dir)): file_sha256(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".tmp-")}
@@ -105,14 +137,14 @@ def _ms(row: dict, key: str) -> str:
     return f"{latency[key]:.3f}" if key in latency else "—"
 
 
-def _accuracy(row: dict) -> str:
+def accuracy_cell(row: dict) -> str:
     """The task metric: top-1 in percent, a user's metric as it returned, n/a where none applies."""
     if row["accuracy"] is None:
         return "n/a"
-    return f"{row['accuracy']:.2f}%" if _is_top1(row) else f"{row['accuracy']:.4g}"
+    return f"{row['accuracy']:.2f}%" if is_top1(row) else f"{row['accuracy']:.4g}"
 
 
-def _is_top1(row: dict) -> bool:
+def is_top1(row: dict) -> bool:
     """Top-1 accuracy in percent (the default metric); a user's metric is shown and budgeted as it returned."""
     return row.get("metric", "auto") in ("auto", "top1")
 
@@ -125,7 +157,7 @@ def _fidelity_cells(row: dict) -> list[str]:
 
 
 def _stage_cells(row: dict) -> list[str]:
-    return [row["stage"], row["precision"], _accuracy(row), *_fidelity_cells(row), _human(row["params"]),
+    return [row["stage"], row["precision"], accuracy_cell(row), *_fidelity_cells(row), _human(row["params"]),
             _human(row["macs"]), "—" if row["sparsity"] is None else f"{row['sparsity']:.0%}",
             _human(row["onnx_bytes"]), _human(row["onnx_zipped_bytes"]), _ms(row, "p50"), _ms(row, "p99"),
             (row.get("status") or "").split(":")[0]]   # the reason: in the warning and results.json
@@ -135,13 +167,15 @@ def _target_cells(row: dict) -> list[str]:
     """Latency is the device's only where it was measured on the device (or the device is this machine)."""
     parity = row.get("parity")
     built = not (row.get("status") or "").startswith(("failed", "skipped"))
-    return [row["target"], row.get("backend") or "—", row["precision"], row["stage"], _accuracy(row),
+    return [row["target"], row.get("backend") or "—", row["precision"], row["stage"], accuracy_cell(row),
             *_fidelity_cells(row), _ms(row, "p50"), _ms(row, "p99"),
             f"{parity['max_abs_diff']:.1e}" if parity else ("on device" if built else "—"),
             row.get("measured_on") or "—", row.get("status") or ""]
 
 
-def _tables(result_rows: list[dict]):
+def table_data(result_rows: list[dict]):
+    """(title, columns, rows of cells) of the stage table and the target table: the terminal, results.md and
+    report.html show the same cells."""
     stages = [r for r in result_rows if r["target"] is None]
     targets = [r for r in result_rows if r["target"] is not None]
     stage_columns = _STAGE_COLUMNS if any(r.get("status") for r in stages) else _STAGE_COLUMNS[:-1]
@@ -154,7 +188,7 @@ def _tables(result_rows: list[dict]):
 
 def tables(result_rows: list[dict]) -> list[Table]:
     out = []
-    for title, columns, rows in _tables(result_rows):
+    for title, columns, rows in table_data(result_rows):
         t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)   # narrow: 80 columns hold the stage table
         for col in columns:
             t.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right", overflow="fold")
@@ -166,7 +200,7 @@ def tables(result_rows: list[dict]) -> list[Table]:
 
 def markdown(result_rows: list[dict]) -> str:
     lines = []
-    for title, columns, rows in _tables(result_rows):
+    for title, columns, rows in table_data(result_rows):
         lines += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cells) + " |" for cells in rows]
         lines.append("")

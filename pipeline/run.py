@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edgesmith.errors import CheckpointError, TargetError
 from edgesmith.pipeline import deploy
@@ -47,8 +48,9 @@ class RunResult:
         return [s.kind for s in self.steps if not s.cached]
 
 
-def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True) -> RunResult:
-    ctx = RunContext.open(recipe, out_dir, cache_dir, use_cache)
+def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True,
+        on_step: Callable[[str], None] | None = None) -> RunResult:
+    ctx = RunContext.open(recipe, out_dir, cache_dir, use_cache, on_step)
     with ctx.reporting():  # results of finished steps are written even when a later step fails
         stages = recipe.model_stages
         trained = _leading_train_stages(stages)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.cache import SIDECAR, Store, content_key, publish
 from edgesmith.pipeline.progress import info
 from edgesmith.pipeline.versions import key_versions, tool_versions
@@ -75,8 +76,9 @@ BuildFunction = Callable[[Path], Built]
 class Steps:
     """Runs steps through the cache and remembers them in order (the manifest's step list)."""
 
-    def __init__(self, store: Store, recipe_name: str, use_cache: bool = True):
-        self.store, self.recipe_name, self.use_cache = store, recipe_name, use_cache
+    def __init__(self, store: Store, recipe_name: str, use_cache: bool = True,
+                 on_step: Callable[[str], None] | None = None):
+        self.store, self.recipe_name, self.use_cache, self.on_step = store, recipe_name, use_cache, on_step
         self.done: list[Step] = []
 
     def run(self, kind: str, label: str, parts: dict, build: BuildFunction, publish_to: Path | None = None) -> Step:
@@ -85,6 +87,8 @@ class Steps:
         parts = {**parts, "tools": key_versions()}
         key = content_key(kind, parts)
         start = time.time()
+        if self.on_step is not None:
+            self.on_step(label)
         loaded = self.store.load(kind, key) if self.use_cache else None
         cached = loaded is not None
         if not cached:
@@ -106,7 +110,7 @@ class Steps:
         info(f"[bold cyan]▶ {label}[/] running")
         sidecar = {"kind": kind, "key": key, "label": label, "key_parts": parts, "recipe": self.recipe_name,
                    "versions": tool_versions()}
-        with self.store.build(kind, key, sidecar) as tmp:
+        with host_lock.computing(self.store.locks_dir), self.store.build(kind, key, sidecar) as tmp:
             built = build(tmp)
             sidecar.update(metrics=built.metrics.to_dict(), facts=built.facts)
         artifact = self.store.path(kind, key)

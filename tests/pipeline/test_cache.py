@@ -7,12 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import onnx
 import pytest
 
+from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.cache import Store
 from edgesmith.pipeline.recipe import load_recipe
 from edgesmith.pipeline.run import run
@@ -151,3 +153,37 @@ def test_two_runs_sharing_a_cache_train_once(tmp_path):
              for step in json.loads((tmp_path / name / "manifest.json").read_text())["steps"] if not step["cached"]]
     assert built.count("train") == 1 and built.count("model") == 1 and built.count("export") == 1, built
     assert any("being built by another run; waiting" in err for err in errors)
+
+
+def test_a_host_measurement_pauses_other_builds_at_their_next_batch(tmp_path):
+    """Parallel jobs sharing a cache: a latency figure is never taken while another build computes on this host."""
+    events, locks = [], tmp_path
+    started, measuring_done = threading.Event(), threading.Event()
+
+    def training_build():   # a build that passes a pause point between batches, as Dataset.batches does
+        with host_lock.computing(locks):
+            started.set()
+            for batch in range(40):
+                host_lock.pause_point()
+                events.append(("batch", batch, measuring_done.is_set()))
+                time.sleep(0.02)
+
+    def measuring_build():
+        with host_lock.computing(locks):
+            started.wait(10)
+            time.sleep(0.1)
+            with host_lock.measuring():
+                events.append(("measure start",))
+                time.sleep(0.3)   # no batch of the other build may run in here
+                events.append(("measure end",))
+            measuring_done.set()
+
+    threads = [threading.Thread(target=training_build), threading.Thread(target=measuring_build)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    start, end = events.index(("measure start",)), events.index(("measure end",))
+    assert end == start + 1                          # nothing ran inside the timing window
+    assert 0 < start < len(events) - 2               # the training build paused mid-way, not after finishing
+    assert sum(1 for e in events if e[0] == "batch") == 40

@@ -1,0 +1,375 @@
+"""Batch runs: every job of a matrix (pipeline/matrix.py) run into DIR/jobs/<label>/, in a local process pool or as
+Ray tasks, all sharing one cache; then DIR/results.csv, results.json, batch.json and report.html.
+
+The cache makes the batch cheap and resumable: a step that several jobs share (one training) is built once, the
+others wait on its lock and reuse it; a re-run executes only what is new. A job's failure is its rows, never the
+batch's end. Workers get the job (its recipe as plain data) and the folder paths, nothing else from the driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rich import box
+from rich.live import Live
+from rich.table import Table
+
+from edgesmith.errors import EdgesmithError, first_line
+from edgesmith.pipeline import progress, report
+from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
+from edgesmith.pipeline.html_report import render_report
+from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
+
+STATUS_FILE = "status.json"     # in a running job's folder: its current step (the live table reads it)
+LOG_FILE = "log.txt"            # a job's progress lines: a batch's terminal shows the table instead
+STOP_FILE = ".interrupted"      # in the batch folder after Ctrl-C: a worker handed one more job starts nothing
+_GB = 1 << 30
+_MEMORY_PER_JOB = 3 * _GB       # a training job's resident peak here is 1.5–2.5 GB (torch, ORT, the data)
+
+
+@dataclass
+class Outcome:
+    label: str
+    model: str
+    recipe: str
+    status: str                  # done | failed | interrupted
+    reason: str | None = None
+    failed_step: str | None = None
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)      # the job's results.json
+    steps: list[dict] = field(default_factory=list)     # the job's manifest steps: kind, key, cached, build_seconds
+
+    @property
+    def executed(self) -> list[str]:
+        return [s["kind"] for s in self.steps if not s["cached"]]
+
+
+@dataclass
+class BatchResult:
+    out_dir: Path
+    outcomes: list[Outcome]
+    executor: str
+    parallel: int
+    seconds: float
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != "done"]
+
+    @property
+    def rows(self) -> list[dict]:
+        """results.csv's rows: every job's rows, flat, with its model label and recipe name."""
+        return [r for o in self.outcomes for r in outcome_rows(o)]
+
+
+def outcome_rows(outcome: Outcome) -> list[dict]:
+    rows = report.flat_rows(outcome.rows, outcome.model, outcome.recipe)
+    if outcome.status != "done":   # where it stopped, and why: the job's own rows say what finished
+        rows += report.flat_rows([{"stage": outcome.failed_step or "job", "status": f"{outcome.status}: "
+                                   f"{outcome.reason}", "precision": None}], outcome.model, outcome.recipe)
+    return rows
+
+
+def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, executor: str | None = None,
+              ray_address: str | None = None, max_parallel: int | None = None, only: str | None = None,
+              use_cache: bool = True, live: bool = True) -> BatchResult:
+    """Validates every job, runs them, writes the batch's results and report. Raises KeyboardInterrupt after
+    writing what finished when interrupted."""
+    matrix = load_matrix(matrix_file)
+    jobs = expand(matrix, matrix_file, only)
+    cfg = _executor_config(matrix, executor, ray_address, max_parallel)
+    out = Path(out_dir or Path("runs") / matrix.name)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(matrix_file, out / "matrix.yaml")
+    for job in jobs:   # left by an interrupted batch: these jobs are queued now
+        (out / "jobs" / job.label / STATUS_FILE).unlink(missing_ok=True)
+    (out / STOP_FILE).unlink(missing_ok=True)
+    parallel = cfg.max_parallel or default_parallel(len(jobs))
+    cpus = cfg.resources.cpus or max(1, _cores() // parallel)
+    started = time.time()
+    outcomes: dict[str, Outcome] = {}
+    args = (str(out.resolve()), str(Path(cache_dir).resolve()), use_cache, max(1, int(cpus)))
+    pool = LocalExecutor(parallel) if cfg.kind == "local" else RayExecutor(cfg, parallel, cpus)
+    board = JobBoard(jobs, out, enabled=live and progress.enabled())
+    try:
+        with board:
+            pool.run(jobs, args, outcomes, board.update)
+    except KeyboardInterrupt:
+        for job in jobs:
+            outcomes.setdefault(job.label, _unfinished(job, out, "interrupted", "stopped by Ctrl-C"))
+        raise
+    finally:
+        result = BatchResult(out, [outcomes.get(j.label) or _unfinished(j, out, "failed", "did not run")
+                                   for j in jobs], cfg.kind, parallel, time.time() - started)
+        write_results(result, matrix)
+    return result
+
+
+def _executor_config(matrix: Matrix, kind: str | None, address: str | None, parallel: int | None) -> ExecutorConfig:
+    """The matrix's executor section with the command line's choices over it."""
+    changes = {k: v for k, v in {"kind": kind, "address": address, "max_parallel": parallel}.items() if v}
+    if address and not kind:
+        changes["kind"] = "ray"
+    return ExecutorConfig(**{**matrix.executor.model_dump(), **changes})
+
+
+def default_parallel(jobs: int) -> int:
+    """As many jobs as there are cores, and as fit the memory available now."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return max(1, min(jobs, _cores(), available // _MEMORY_PER_JOB))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# ---------------------------------------------------------------------------------------------- the worker side
+
+def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: int) -> Outcome:
+    """Runs one job in a pool process or a Ray worker: its progress goes to the job's log.txt, its current step to
+    status.json; any failure becomes the outcome (the job's finished steps stay cached and published)."""
+    import torch
+
+    from edgesmith.pipeline.run import run as run_pipeline
+
+    os.chdir(job.cwd)   # recipes' relative paths are relative to where the batch was started
+    torch.set_num_threads(threads)
+    folder = Path(out_dir) / "jobs" / job.label
+    if (Path(out_dir) / STOP_FILE).exists():
+        return _unfinished(job, Path(out_dir), "interrupted", "stopped by Ctrl-C before it started")
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    step = {"label": None}
+
+    def on_step(label: str) -> None:
+        step["label"] = label
+        atomic_write_json(folder / STATUS_FILE, {"started": started, "step": label, "step_started": time.time()})
+
+    status, reason = "done", None
+    with open(folder / LOG_FILE, "a") as log, _console_to(log):
+        try:
+            run_pipeline(job.resolved(), folder, Path(cache_dir), use_cache=use_cache, on_step=on_step)
+        except EdgesmithError as exc:
+            status, reason = "failed", first_line(exc, 600)
+        except KeyboardInterrupt:   # Ctrl-C reached the whole process group: no job may start after this one
+            status, reason = "interrupted", "stopped by Ctrl-C"
+            (Path(out_dir) / STOP_FILE).touch()
+        except Exception as exc:   # a bug of ours or the model's: its traceback is in the job's log
+            status, reason = "failed", f"{type(exc).__name__}: {first_line(exc)} (traceback in {folder / LOG_FILE})"
+            log.write(traceback.format_exc())
+    if status != "interrupted":   # kept to say where it stopped (the driver may not get this outcome)
+        (folder / STATUS_FILE).unlink(missing_ok=True)
+    return Outcome(job.label, job.model, job.recipe_name, status, reason,
+                   step["label"] if status != "done" else None, round(time.time() - started, 2),
+                   *_written(folder))
+
+
+@contextlib.contextmanager
+def _console_to(handle):
+    """edgesmith's console writes to the job's log while the job runs (plain text: it is not a terminal)."""
+    console = progress.console
+    previous = console.file
+    console.file = handle
+    try:
+        yield
+    finally:
+        console.file = previous
+
+
+def _written(folder: Path) -> tuple[list[dict], list[dict]]:
+    """The rows and steps the job's run folder holds (written even when the run failed part-way)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return manifest["metrics"], manifest["steps"]
+    except (OSError, ValueError, KeyError):
+        return [], []
+
+
+def _unfinished(job: Job, out: Path, status: str, reason: str) -> Outcome:
+    folder = out / "jobs" / job.label
+    try:
+        running = json.loads((folder / STATUS_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        running = None
+    return Outcome(job.label, job.model, job.recipe_name, status, reason, running, 0.0, *_written(folder))
+
+
+# -------------------------------------------------------------------------------------------------- executors
+
+Update = Callable[[dict], None]
+
+
+class LocalExecutor:
+    """A process pool on this machine. Processes are started fresh (spawn: torch and fork do not mix) and reused
+    across jobs, so a warm batch pays the imports once per worker. A worker that dies (out of memory, a crash in a
+    native library) breaks the pool: the jobs that were running are tried once more in a new pool, the ones never
+    started are simply resubmitted."""
+
+    def __init__(self, parallel: int):
+        self.parallel = parallel
+
+    def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
+        pending, crashes = list(jobs), {job.label: 0 for job in jobs}
+        out_dir = Path(args[0])
+        while pending:
+            broken = []
+            with ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(run_job, job, *args): job for job in pending}
+                try:
+                    while futures:
+                        done, _ = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            job = futures.pop(future)
+                            try:
+                                outcomes[job.label] = future.result()
+                            except BrokenProcessPool:
+                                broken.append(job)
+                        update(outcomes)
+                except KeyboardInterrupt:
+                    (out_dir / STOP_FILE).touch()   # before the workers finish unwinding the jobs they had
+                    _stop(pool)
+                    raise
+            pending = []
+            for job in broken:
+                started = (out_dir / "jobs" / job.label / STATUS_FILE).exists()
+                crashes[job.label] += started
+                if crashes[job.label] >= 2:
+                    outcomes[job.label] = _unfinished(job, out_dir, "failed", "its worker process died twice "
+                                                      "(killed, out of memory, or a crash in a native library)")
+                else:
+                    pending.append(job)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Ctrl-C reached the workers too (one process group); those still busy after a grace period are ended.
+    Their locks go with them and their half-built steps are swept by the next run."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())   # no public handle before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.time() + 10
+    for process in processes:
+        process.join(max(0.0, deadline - time.time()))
+        if process.is_alive():
+            process.terminate()
+
+
+class RayExecutor:
+    """Each job is a Ray task declaring its CPUs and GPUs. Without an address a local Ray instance is started (and
+    stopped at the end); with one (`auto`, `ray://head:10001`) the batch joins that cluster. The cache and the
+    batch folder must be paths every worker can read and write (a shared file system)."""
+
+    def __init__(self, cfg: ExecutorConfig, parallel: int, cpus: float):
+        self.cfg, self.parallel, self.cpus = cfg, parallel, cpus
+
+    def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
+        import ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            with progress.quiet("ray", hide_stderr=True):
+                ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=False,
+                         logging_level="warning")
+        task = ray.remote(run_job).options(num_cpus=self.cpus, num_gpus=self.cfg.resources.gpus, max_retries=0)
+        queue, running = list(jobs), {}
+        try:
+            while queue or running:
+                while queue and len(running) < self.parallel:   # submitted as slots free: --max-parallel holds
+                    job = queue.pop(0)
+                    running[task.remote(job, *args)] = job
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    job = running.pop(ref)
+                    try:
+                        outcomes[job.label] = ray.get(ref)
+                    except ray.exceptions.RayError as exc:   # the worker died or Ray lost it
+                        outcomes[job.label] = _unfinished(job, Path(args[0]), "failed", f"Ray: {first_line(exc)}")
+                update(outcomes)
+        except KeyboardInterrupt:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- progress and output
+
+class JobBoard:
+    """A live table of the jobs: queued, the step each running job is on, done or failed, with elapsed times."""
+
+    def __init__(self, jobs: list[Job], out_dir: Path, enabled: bool):
+        self.jobs, self.out_dir, self.enabled = jobs, out_dir, enabled
+        self.outcomes: dict[str, Outcome] = {}
+        self.live: Live | None = None
+
+    def __enter__(self) -> JobBoard:
+        if self.enabled:
+            self.live = Live(self.render(), console=progress.console, refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.__exit__(*exc)
+
+    def update(self, outcomes: dict[str, Outcome]) -> None:
+        self.outcomes = outcomes
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        table = Table(title="jobs", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("job", "state", "step", "elapsed"):
+            table.add_column(column, justify="right" if column == "elapsed" else "left")
+        now = time.time()
+        for job in self.jobs:
+            outcome = self.outcomes.get(job.label)
+            if outcome is not None:
+                state = "[green]done[/]" if outcome.status == "done" else f"[red]{outcome.status}[/]"
+                table.add_row(job.label, state, outcome.failed_step or "", f"{outcome.seconds:.0f}s")
+                continue
+            try:
+                status = json.loads((self.out_dir / "jobs" / job.label / STATUS_FILE).read_text())
+            except (OSError, ValueError):
+                table.add_row(job.label, "queued", "", "")
+                continue
+            table.add_row(job.label, "[cyan]running[/]", status.get("step", ""),
+                          f"{now - status.get('started', now):.0f}s")
+        return table
+
+
+def summary_table(result: BatchResult) -> Table:
+    """job, status, what ran, seconds, and why a job failed."""
+    table = Table(title=f"batch {result.out_dir} ({result.executor}, {result.parallel} in parallel, "
+                        f"{result.seconds:.0f}s)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("job", "status", "executed", "seconds", "reason"):
+        table.add_column(column, justify="right" if column in ("executed", "seconds") else "left",
+                         overflow="fold")
+    for o in result.outcomes:
+        table.add_row(o.label, o.status, f"{len(o.executed)}/{len(o.steps)}", f"{o.seconds:.1f}",
+                      (f"at {o.failed_step}: " if o.failed_step else "") + (o.reason or ""))
+    return table
+
+
+def write_results(result: BatchResult, matrix: Matrix) -> None:
+    out = result.out_dir
+    rows = result.rows
+    atomic_write_json(out / "results.json", rows)
+    report.write_csv(out / "results.csv", rows)
+    atomic_write_json(out / "batch.json", {
+        "name": matrix.name, "executor": result.executor, "parallel": result.parallel,
+        "seconds": round(result.seconds, 2),
+        "jobs": [{k: v for k, v in asdict(o).items() if k not in ("rows", "steps")} | {
+            "folder": f"jobs/{o.label}", "executed": o.executed} for o in result.outcomes]})
+    atomic_write_text(out / "report.html", render_report([out]))

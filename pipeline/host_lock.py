@@ -1,0 +1,81 @@
+"""One host, several jobs: a latency figure is never taken while another job computes on the same cores.
+
+Runs that share a cache may run side by side (a batch's jobs). Every step's build holds the host's lock shared;
+a timing loop (`measuring`) holds it exclusively, for just the loop. A measurement waiting announces itself on a
+second lock ("intent"): builds pause for it between data batches (`pause_point`, called by Dataset.batches, so
+training, fine-tuning, calibration and evaluation all yield at batch granularity) and new builds wait behind it,
+so it neither waits for a whole training run nor starves. Builds that cannot pause (an export, a compile) finish
+first. Lock files live in the cache, named by host: machines sharing a cache over a network file system do not
+wait on each other. Kernel flocks: a killed holder leaves no stale lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import socket
+import threading
+from pathlib import Path
+from typing import IO, Iterator
+
+_held = threading.local()   # this thread's open lock files (intent, host), whether exclusive, and nesting depth
+
+
+@contextlib.contextmanager
+def computing(locks_dir: Path) -> Iterator[None]:
+    """Held around a step's build (shared with other builds). Nested builds share the outer hold."""
+    if getattr(_held, "files", None):
+        yield
+        return
+    name = f"host-{socket.gethostname()}"
+    with open(locks_dir / f"{name}.intent", "a") as intent, open(locks_dir / f"{name}.lock", "a") as host:
+        _pass_pending_measurement(intent)
+        fcntl.flock(host, fcntl.LOCK_SH)
+        _held.files, _held.exclusive = (intent, host), False
+        try:
+            yield
+        finally:
+            _held.files = None
+            fcntl.flock(host, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """The host to this thread alone for a timing loop: other builds pause at their next batch or finish first.
+    Outside a build (no cache to hold locks in) it times as is."""
+    files = getattr(_held, "files", None)
+    if not files or _held.exclusive:
+        yield
+        return
+    intent, host = files
+    fcntl.flock(host, fcntl.LOCK_UN)      # another measurement may be waiting on this build: let it go first
+    fcntl.flock(intent, fcntl.LOCK_EX)    # from now on builds pause at their next batch
+    fcntl.flock(host, fcntl.LOCK_EX)      # every build paused or finished
+    _held.exclusive = True
+    try:
+        yield
+    finally:
+        _held.exclusive = False
+        fcntl.flock(host, fcntl.LOCK_SH)   # back to an ordinary build
+        fcntl.flock(intent, fcntl.LOCK_UN)
+
+
+def pause_point() -> None:
+    """Between two batches of a build: if a measurement is waiting, step aside until it is done."""
+    files = getattr(_held, "files", None)
+    if not files or _held.exclusive:
+        return
+    intent, host = files
+    try:
+        fcntl.flock(intent, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:   # a measurement holds the intent lock
+        fcntl.flock(host, fcntl.LOCK_UN)
+        _pass_pending_measurement(intent)
+        fcntl.flock(host, fcntl.LOCK_SH)
+        return
+    fcntl.flock(intent, fcntl.LOCK_UN)
+
+
+def _pass_pending_measurement(intent: IO) -> None:
+    """Waits while a measurement holds the intent lock."""
+    fcntl.flock(intent, fcntl.LOCK_SH)
+    fcntl.flock(intent, fcntl.LOCK_UN)
