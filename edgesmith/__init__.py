@@ -18,8 +18,8 @@ from edgesmith.errors import EdgesmithError
 # copy's sub-packages be found even when this folder shadows it (a regular install run from a source checkout).
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-_API = ("Profile", "Recipe", "RunResult", "batch", "default_cache_dir", "evaluate", "list_profiles", "load_profile",
-        "load_recipe", "report", "run")
+_API = ("Profile", "Recipe", "RunResult", "batch", "bench", "default_cache_dir", "evaluate", "list_profiles",
+        "load_profile", "load_recipe", "report", "run", "runs")
 __all__ = ["EdgesmithError", *_API]
 
 

@@ -11,8 +11,8 @@ from edgesmith.pipeline.run import RunResult
 from edgesmith.pipeline.run import run as run_pipeline
 from edgesmith.targets import Profile, list_profiles, load_profile
 
-__all__ = ["Profile", "Recipe", "RunResult", "batch", "default_cache_dir", "evaluate", "list_profiles",
-           "load_profile", "load_recipe", "report", "run"]
+__all__ = ["Profile", "Recipe", "RunResult", "batch", "bench", "default_cache_dir", "evaluate", "list_profiles",
+           "load_profile", "load_recipe", "report", "run", "runs"]
 
 
 def default_cache_dir() -> Path:
@@ -24,17 +24,19 @@ def default_cache_dir() -> Path:
 
 
 def run(recipe: Recipe | str | Path | dict | None, out_dir: str | Path, cache_dir: str | Path | None = None, *,
-        use_cache: bool = True, quiet: bool = False, on_step: Callable[[str], None] | None = None) -> RunResult:
+        use_cache: bool = True, quiet: bool = False, on_step: Callable[[str], None] | None = None,
+        force: bool = False) -> RunResult:
     """Runs a recipe (a Recipe, a YAML path, a dict of fields, or None for the built-in default) into `out_dir`.
 
     Returns a RunResult: `.rows` (the results rows, as in results.json), `.out_dir`, `.steps`. Every finished step is
     cached under `cache_dir` (default: `default_cache_dir()`). `quiet` prints nothing but errors; the logger
     "edgesmith" and its level do the same for a whole program. `on_step(label)` is called as each step starts
-    (`"prune (stage 2)"`, `"compile x86-host onnxruntime/int8"`)."""
+    (`"prune (stage 2)"`, `"compile x86-host onnxruntime/int8"`). A run folder holding another recipe's run is
+    refused (RunFolderError) unless `force`, which empties it first."""
     resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     with silenced(quiet):
         return run_pipeline(resolved, Path(out_dir), Path(cache_dir) if cache_dir else default_cache_dir(),
-                            use_cache=use_cache, on_step=on_step)
+                            use_cache=use_cache, on_step=on_step, force=force)
 
 
 def evaluate(onnx_path: str | Path, recipe: Recipe | str | Path | dict | None = None) -> dict:
@@ -72,3 +74,34 @@ def report(folders: list[str | Path], out_file: str | Path) -> Path:
     out = Path(out_file)
     atomic_write_text(out, render_report([Path(f) for f in folders]))
     return out
+
+
+def bench(onnx_path: str | Path, target: str = "x86-host", *, batch: int = 1, runs: int = 200,
+          warmup: int = 20) -> list[dict]:
+    """Latency of any ONNX file on this host, with each backend of the host profile `target` (ONNX Runtime and
+    TVM for x86-host), through the pipeline's own compile, load and timing loop: one dict per backend with
+    `latency_ms` {p50, p90, p99, mean, …} or a `status` saying why it was skipped or failed."""
+    import tempfile
+
+    from edgesmith.errors import TargetError
+    from edgesmith.pipeline.bench import bench_onnx
+    from edgesmith.pipeline.config import BenchConfig
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise TargetError(f"'{path}' does not exist; give an ONNX file")
+    profile = load_profile(target)
+    if not profile.is_host:
+        raise TargetError(f"'{target}' is a device, not this host: `edgesmith bench` times on this machine; time a "
+                          f"model on the device by running a recipe with targets: [{target}] and compile.rpc_tracker "
+                          "set to the tracker its bundle server registers with (README: Devices)")
+    with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as work:
+        return bench_onnx(path, profile, BenchConfig(batch_size=batch, runs=runs, warmup=warmup), Path(work))
+
+
+def runs(folder: str | Path = "runs") -> list[dict]:
+    """The run folders at or below `folder`, newest first: folder, recipe, model, started, seconds, and per target
+    the candidate it ships (`{"x86-host": "onnxruntime/int8 0.0412 ms"}`)."""
+    from edgesmith.pipeline.run_folders import list_runs
+
+    return list_runs(Path(folder))

@@ -29,6 +29,7 @@ from edgesmith.pipeline import progress, report
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import render_report
 from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
+from edgesmith.pipeline.run_folders import claim_run_folder
 
 STATUS_FILE = "status.json"     # in a running job's folder: its current step (the live table reads it)
 LOG_FILE = "log.txt"            # a job's progress lines: a batch's terminal shows the table instead
@@ -147,7 +148,8 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
     folder = Path(out_dir) / "jobs" / job.label
     if (Path(out_dir) / STOP_FILE).exists():
         return _unfinished(job, Path(out_dir), "interrupted", "stopped by Ctrl-C before it started")
-    folder.mkdir(parents=True, exist_ok=True)
+    recipe = job.resolved()
+    claim_run_folder(folder, recipe, force=True)   # the batch owns its job folders: a changed job replaces its own
     started = time.time()
     step = {"label": None}
 
@@ -157,8 +159,9 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
 
     status, reason = "done", None
     with open(folder / LOG_FILE, "a") as log, _console_to(log):
+        log.write(f"— batch job {job.label}, {time.strftime('%Y-%m-%d %H:%M:%S')} —\n")
         try:
-            run_pipeline(job.resolved(), folder, Path(cache_dir), use_cache=use_cache, on_step=on_step)
+            run_pipeline(recipe, folder, Path(cache_dir), use_cache=use_cache, on_step=on_step)
         except EdgesmithError as exc:
             status, reason = "failed", first_line(exc, 600)
         except KeyboardInterrupt:   # Ctrl-C reached the whole process group: no job may start after this one
@@ -234,6 +237,9 @@ class LocalExecutor:
                                 outcomes[job.label] = future.result()
                             except BrokenProcessPool:
                                 broken.append(job)
+                            except Exception as exc:   # run_job reports failures itself: this is a bug of ours
+                                outcomes[job.label] = _unfinished(job, out_dir, "failed",
+                                                                  f"{type(exc).__name__}: {first_line(exc)}")
                         update(outcomes)
                 except KeyboardInterrupt:
                     (out_dir / STOP_FILE).touch()   # before the workers finish unwinding the jobs they had

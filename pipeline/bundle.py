@@ -21,6 +21,7 @@ MANIFEST = "manifest.json"
 FORMAT = "edgesmith-bundle/1"
 RUNTIME = "edgesmith_runtime.py"
 RPC_SERVER = "edgesmith_rpc.py"   # `edgesmith_runtime.py --rpc-server` on a board: every bundle can serve measurements
+README = "README.md"
 _SKIP = ("sidecar.json",)   # cache bookkeeping
 
 
@@ -53,8 +54,53 @@ def write(folder: Path, *, profile: Profile, candidate, io_spec: dict, model: st
     }
     if "tensorrt_build" in compile_facts:
         manifest["tensorrt_build"] = compile_facts["tensorrt_build"]
+    (folder / README).write_text(readme(manifest))
     manifest["files"] = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def readme(manifest: dict) -> str:
+    """The bundle's README.md: what is inside and how to load and check it on the device, for its backend."""
+    backend, profile, versions = manifest["backend"], manifest["profile"], manifest["versions"]
+    inputs = "; ".join(f"`{i['name']}` {i['dtype']}{list(i['shape'])}" + (
+        f", normalised with mean {i['mean']} std {i['std']}" if i.get("mean") else "") for i in manifest["inputs"])
+    runtime = {"onnxruntime": f"`pip install onnxruntime=={versions.get('onnxruntime')} numpy`",
+               "tvm": f"the TVM runtime of apache-tvm {versions.get('apache-tvm')}, the version that compiled "
+                      "model.so (`pip install apache-tvm==…` on the board, or its libtvm_runtime.so)",
+               "tensorrt": "TensorRT with its Python bindings (JetPack, or an NVIDIA container), numpy"}[backend]
+    latency = manifest.get("latency_ms") or {}
+    timing = (f"p50 {latency['p50']:.3f} ms measured on {manifest.get('latency_measured_on')}" if latency
+              else "not timed on the device by edgesmith")
+    lines = [f"# {manifest['model']} for {profile['name']}: {backend} {manifest['precision']}", "",
+             f"Built by edgesmith from recipe `{manifest['recipe']}` ({manifest['status']}; {timing}).",
+             f"Inputs: {inputs}. The manifest lists the outputs, parity and fidelity figures, the tool versions and",
+             "the sha256 of every file.", "",
+             "## Inside", "",
+             f"- `{manifest['artifact']}`: the model for {backend}; `manifest.json`: everything about it",
+             "- `parity_inputs.npz` and `parity_reference.npz`: inputs and the outputs this artifact must reproduce; "
+             "`fidelity_reference.npz`: the original (uncompressed) model's outputs for the same inputs",
+             "- `edgesmith_runtime.py`: a standalone loader (numpy and the runtime; edgesmith is not needed)",
+             "", "## Load and check it on the device", "", f"Needs {runtime}.", "", "```bash",
+             "python3 edgesmith_runtime.py --check     # parity with parity_reference.npz and fidelity, as JSON",
+             "python3 edgesmith_runtime.py --measure   # parity, then latency samples", "```", "", "```python",
+             "import sys; sys.path.insert(0, \"path/to/this/folder\")",
+             "from edgesmith_runtime import open_bundle",
+             "model = open_bundle(\"path/to/this/folder\", check_nan=True)   # refuses wrong names, shapes, dtypes",
+             "outputs = model({" + ", ".join(f"\"{i['name']}\": x{n}" for n, i in enumerate(manifest["inputs"]))
+             + "})   # numpy arrays in, a list of numpy arrays out", "```"]
+    if backend == "tvm":
+        lines += ["", "## C++ (TVM runtime)", "", "`tvm_main.cc` and `CMakeLists.txt` run `model.so` from C++:",
+                  "", "```bash", "cmake -S . -B build && cmake --build build",
+                  "./build/tvm_main model.so input.bin " + " ".join(str(d) for d in manifest["inputs"][0]["shape"]),
+                  "```", "", "`input.bin`: raw little-endian float32, already normalised as above."]
+    if "tensorrt_build" in manifest:
+        command = manifest["compile"].get("trtexec", "")
+        lines += ["", "## Build the TensorRT engine on the device", "",
+                  "The engine is built where it runs (engines are specific to the GPU and the TensorRT version):",
+                  "", "```bash", "python3 build_tensorrt_engine.py   # the recorded settings; writes model.engine",
+                  f"{command}   # the same with NVIDIA's trtexec (trtexec.sh)", "```",
+                  "", "Then `python3 edgesmith_runtime.py --check` checks the engine against the references."]
+    return "\n".join(lines) + "\n"
 
 
 def _check_files(folder: Path, listed: dict[str, str]) -> None:

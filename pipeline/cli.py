@@ -3,7 +3,6 @@ lives here."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,23 +10,26 @@ from typing import Optional
 
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from edgesmith.errors import EdgesmithError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (click's): no `<bool>` / `<list[Path]>` type tags, and it reads the same in a terminal and a log.
+PLAIN = {"rich_markup_mode": None}
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, **PLAIN,
                   help="Compress, export, compile and benchmark PyTorch models for edge devices.")
-targets_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+targets_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, **PLAIN,
                           help="List device profiles; `targets show NAME` prints one.")
 app.add_typer(targets_app, name="targets")
-bundle_app = typer.Typer(no_args_is_help=True, help="Deployment bundles: `bundle verify DIR`.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Deployment bundles: `bundle verify DIR`.", **PLAIN)
 app.add_typer(bundle_app, name="bundle")
-board_app = typer.Typer(no_args_is_help=True, help="Emulated boards: `board emulate aarch64 -- CMD`.")
+board_app = typer.Typer(no_args_is_help=True, help="Emulated boards: `board emulate aarch64 -- CMD`.", **PLAIN)
 app.add_typer(board_app, name="board")
-# Piped output keeps full-width tables rather than rich's 80-column fallback.
-stdout = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
+# A terminal's width on a terminal; in a log or a pipe, tables at their natural width (nothing folded or cut).
+stdout = Console() if sys.stdout.isatty() else Console(width=100_000)
 
 
 @contextmanager
@@ -44,22 +46,31 @@ def _user_errors(debug: bool = False):
 
 @app.callback()
 def main(profiles_dir: Optional[list[Path]] = typer.Option(
-        None, "--profiles-dir", help="Extra folder(s) of device profile YAML files (also EDGESMITH_PROFILES).")):
+        None, "--profiles-dir", metavar="DIR", help="Extra folder(s) of device profile YAML files (also "
+        "EDGESMITH_PROFILES).")):
     if profiles_dir:
         current = [p for p in os.environ.get("EDGESMITH_PROFILES", "").split(os.pathsep) if p]
         os.environ["EDGESMITH_PROFILES"] = os.pathsep.join(current + [str(p) for p in profiles_dir])
 
 
 @app.command()
-def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the built-in default recipe if omitted."),
-        set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a field: key.path=value (repeatable)."),
+def run(recipe: Optional[Path] = typer.Argument(None, metavar="[RECIPE]",
+                                                help="Recipe YAML; the built-in default recipe if omitted."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                 help="Override a field: key.path=value (repeatable)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<recipe name>)."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Stage cache (default: "
+        out: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
+                                           help="Run folder (default: runs/<recipe name>)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR", help="Stage cache (default: "
                                                  "$EDGESMITH_CACHE_DIR or ~/.cache/edgesmith)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step, replacing cached ones."),
-        targets: Optional[str] = typer.Option(None, "--targets", help="Device profiles, comma-separated (replaces "
-                                              "the recipe's targets), e.g. x86-host,raspberry-pi-4."),
+        targets: Optional[str] = typer.Option(None, "--targets", metavar="A,B", help="Device profiles, "
+                                              "comma-separated (replaces the recipe's targets), e.g. "
+                                              "x86-host,raspberry-pi-4."),
+        force: bool = typer.Option(False, "--force", help="Run into a folder that holds another recipe's run "
+                                   "(it is emptied first)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the results rows as JSON on stdout, nothing else."),
+        quiet: bool = typer.Option(False, "--quiet", help="Print only errors and the final summary."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Run a recipe: model → stages → ONNX export (parity gate) → per-target compile and benchmark."""
     with _user_errors(debug):
@@ -74,24 +85,49 @@ def run(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; the bui
         if dry_run:
             stdout.print(resolved.to_yaml(), highlight=False, end="")
             return
-        result = edgesmith.run(resolved, out or Path("runs") / resolved.name, cache_dir, use_cache=not no_cache)
+        result = edgesmith.run(resolved, out or Path("runs") / resolved.name, cache_dir, use_cache=not no_cache,
+                               quiet=quiet, force=force)
+        if as_json:
+            print(json.dumps(result.rows, indent=2, default=str))
+            return
         for table in report.tables(result.rows):
             stdout.print(table)
-        stdout.print(f"run folder: {result.out_dir}  (executed: {', '.join(result.executed) or 'nothing, all cached'})")
+        stdout.print(f"run folder: {result.out_dir}  (results.csv, results.json, manifest.json)", highlight=False)
+        stdout.print(f"executed: {', '.join(result.executed) or 'nothing, all cached'}", highlight=False)
+        for line in _ship_lines(result):
+            stdout.print(line, highlight=False, soft_wrap=True)
+
+
+def _ship_lines(result) -> list[str]:
+    """What to ship: each target's bundle and the one line that loads it (its README.md says the rest)."""
+    lines = []
+    for target, folder in result.bundles.items():
+        row = next(r for r in result.rows if r.get("bundle") and r["target"] == target)
+        lines += [f"ship {target}: {folder}/  ({row.get('backend')}/{row['precision']}; README.md inside)",
+                  f"  load: import sys; sys.path.insert(0, '{folder}'); from edgesmith_runtime import open_bundle; "
+                  f"model = open_bundle('{folder}')"]
+    return lines
 
 
 @app.command()
-def batch(matrix: Path = typer.Argument(..., help="Matrix YAML: recipe(s), models, targets, set, executor."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Batch folder (default: runs/<matrix name>)."),
-          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Stage cache shared by every job "
+def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
+                                        help="Matrix YAML: recipe(s), models, targets, set, executor."),
+          out: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
+                                             help="Batch folder (default: runs/<matrix name>)."),
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR",
+                                                   help="Stage cache shared by every job "
                                                    "(default: $EDGESMITH_CACHE_DIR or ~/.cache/edgesmith)."),
-          executor: Optional[str] = typer.Option(None, "--executor", help="local (a process pool) or ray; "
+          executor: Optional[str] = typer.Option(None, "--executor", metavar="KIND",
+                                                 help="local (a process pool) or ray; "
                                                  "replaces the matrix's executor.kind."),
-          ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (auto, "
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR",
+                                                    help="Join this Ray cluster (auto, "
                                                     "ray://head:10001); default: a local Ray instance."),
-          max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1, help="Jobs at once (default: "
+          max_parallel: Optional[int] = typer.Option(None, "--max-parallel", metavar="N",
+                                                     min=1, help="Jobs at once (default: "
                                                      "as many as cores and memory allow)."),
-          only: Optional[str] = typer.Option(None, "--only", help="Run only the jobs whose label matches this "
+          only: Optional[str] = typer.Option(None, "--only", metavar="GLOB",
+                                             help="Run only the jobs whose label matches this "
                                              "glob, e.g. 'mnist_cnn*'."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step, replacing cached ones."),
           quiet: bool = typer.Option(False, "--quiet", help="Print only errors and the final summary."),
@@ -119,8 +155,8 @@ def batch(matrix: Path = typer.Argument(..., help="Matrix YAML: recipe(s), model
 
 
 @app.command()
-def report(folders: list[Path] = typer.Argument(..., help="Run folders and/or batch folders."),
-           out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+def report(folders: list[Path] = typer.Argument(..., metavar="FOLDER...", help="Run folders and/or batch folders."),
+           out: Path = typer.Option(Path("report.html"), "--out", metavar="DIR", help="The HTML file to write."),
            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """One self-contained HTML page comparing run and batch folders: latency vs metric per device, what ships."""
     with _user_errors(debug):
@@ -130,9 +166,12 @@ def report(folders: list[Path] = typer.Argument(..., help="Run folders and/or ba
 
 
 @app.command()
-def evaluate(onnx_file: Path = typer.Argument(..., help="An ONNX file taking the recipe model's inputs."),
-             recipe: Optional[Path] = typer.Argument(None, help="Recipe whose data and model define the inputs."),
-             set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe field (repeatable)."),
+def evaluate(onnx_file: Path = typer.Argument(..., metavar="FILE.onnx",
+                                              help="An ONNX file taking the recipe model's inputs."),
+             recipe: Optional[Path] = typer.Argument(None, metavar="[RECIPE]",
+                                                     help="Recipe whose data and model define the inputs."),
+             set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                 help="Override a recipe field (repeatable)."),
              debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Top-1 accuracy of any ONNX file on the recipe's validation split (the split every stage is scored on)."""
     with _user_errors(debug):
@@ -142,6 +181,54 @@ def evaluate(onnx_file: Path = typer.Argument(..., help="An ONNX file taking the
 
         stdout.print(json.dumps(edgesmith.evaluate(onnx_file, edgesmith.load_recipe(recipe, set_ or []))),
                      highlight=False)
+
+
+@app.command()
+def bench(onnx_file: Path = typer.Argument(..., metavar="FILE.onnx", help="Any ONNX file."),
+          target: str = typer.Option("x86-host", "--target", metavar="NAME",
+                                     help="A host profile: its backends time the file."),
+          batch_size: int = typer.Option(1, "--batch", metavar="N", min=1, help="Batch size of the timed inputs."),
+          runs: int = typer.Option(200, "--runs", metavar="N", min=1, help="Timed runs after the warm-up."),
+          warmup: int = typer.Option(20, "--warmup", metavar="N", min=0, help="Untimed runs first."),
+          as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """Latency of any ONNX file on this host with ONNX Runtime and TVM: the pipeline's statistics (p50/p90/p99)."""
+    with _user_errors(debug):
+        import json
+
+        import edgesmith
+
+        rows = edgesmith.bench(onnx_file, target, batch=batch_size, runs=runs, warmup=warmup)
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table(title=f"{onnx_file} on {target}, batch {batch_size}", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("backend", "precision", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "status"):
+            table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right")
+        for r in rows:
+            stats = r.get("latency_ms") or {}
+            cells = [f"{stats[k]:.3f}" if k in stats else "—" for k in ("p50", "p90", "p99")]
+            table.add_row(r["backend"], r["precision"], *cells,
+                          f"{stats['throughput']:.1f}" if stats else "—", r["status"])
+        stdout.print(table)
+
+
+@app.command("runs")
+def runs_cmd(folder: Path = typer.Argument(Path("runs"), metavar="[DIR]",
+                                           help="Where run folders are (searched below too)."),
+             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    """List run folders, newest first: recipe, model, date, and what each ships per target."""
+    with _user_errors(debug):
+        import edgesmith
+
+        table = Table(title=f"runs in {folder}", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("folder", "recipe", "model", "started", "seconds", "ships"):
+            table.add_column(column, justify="right" if column == "seconds" else "left")
+        for r in edgesmith.runs(folder):
+            table.add_row(r["folder"], r["recipe"], r["model"], (r["started"] or "")[:19].replace("T", " "),
+                          f"{r['seconds']:.0f}" if r["seconds"] is not None else "—",
+                          "; ".join(f"{t}: {c}" for t, c in r["shipped"].items()) or "nothing")
+        stdout.print(table)
 
 
 @app.command("models")
@@ -176,7 +263,7 @@ def targets_list(ctx: typer.Context):
 
 
 @targets_app.command("show")
-def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesmith targets`).")):
+def targets_show(name: str = typer.Argument(..., metavar="NAME", help="Profile name (see `edgesmith targets`).")):
     """Print one device profile, with host facts filled in where it asks for them."""
     with _user_errors():
         from edgesmith import load_profile
@@ -186,7 +273,8 @@ def targets_show(name: str = typer.Argument(..., help="Profile name (see `edgesm
 
 
 @bundle_app.command("verify")
-def bundle_verify(folder: Path = typer.Argument(..., help="A bundle folder, e.g. runs/<name>/bundles/<profile>."),
+def bundle_verify(folder: Path = typer.Argument(..., metavar="DIR",
+                                                help="A bundle folder, e.g. runs/<name>/bundles/<profile>."),
                   debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Re-check every file's sha256 and run parity on this machine wherever the bundle's backend runs here."""
     with _user_errors(debug):
@@ -199,12 +287,13 @@ def bundle_verify(folder: Path = typer.Argument(..., help="A bundle folder, e.g.
 
 @board_app.command("emulate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def board_emulate(ctx: typer.Context,
-                  arch: str = typer.Argument("aarch64", help="Board architecture (aarch64)."),
+                  arch: str = typer.Argument("aarch64", metavar="[ARCH]", help="Board architecture (aarch64)."),
                   prepare_only: bool = typer.Option(False, "--prepare", help="Only build the board's sysroot."),
-                  rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker",
+                  rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", metavar="HOST:PORT",
                                                             help="HOST:PORT: run a TVM RPC server on the board."),
-                  rpc_key: str = typer.Option("emulated-aarch64", "--rpc-key", help="Key the RPC server registers."),
-                  root: Optional[Path] = typer.Option(None, "--root", help="Board folder (default: "
+                  rpc_key: str = typer.Option("emulated-aarch64", "--rpc-key", metavar="KEY",
+                                              help="Key the RPC server registers."),
+                  root: Optional[Path] = typer.Option(None, "--root", metavar="DIR", help="Board folder (default: "
                                                       "<cache dir>/boards/<arch>)."),
                   debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Prepare a private aarch64 sysroot (Debian arm64 Python + aarch64 TVM and ONNX Runtime wheels) and run a

@@ -14,10 +14,11 @@ from typing import Callable
 from edgesmith.errors import DataError, TargetError
 from edgesmith.models import InputSpec
 from edgesmith.pipeline import report
-from edgesmith.pipeline.cache import Store, atomic_write_text
+from edgesmith.pipeline.cache import Store
 from edgesmith.pipeline.data import Dataset, load_dataset
 from edgesmith.pipeline.evaluate import TaskMetric
 from edgesmith.pipeline.recipe import Recipe
+from edgesmith.pipeline.run_folders import claim_run_folder
 from edgesmith.pipeline.steps import Metrics, Step, Steps
 from edgesmith.pipeline.user_code import resolve_callable, source_sha256
 from edgesmith.targets import Profile, ProfileError, load_profile
@@ -42,7 +43,7 @@ class RunContext:
 
     @classmethod
     def open(cls, recipe: Recipe, out_dir: Path, cache_dir: Path, use_cache: bool,
-             on_step: Callable[[str], None] | None = None) -> RunContext:
+             on_step: Callable[[str], None] | None = None, force: bool = False) -> RunContext:
         try:   # profiles are resolved before any work, so a bad one costs nothing
             profiles = [load_profile(t) for t in recipe.targets]
         except ProfileError as exc:
@@ -50,8 +51,7 @@ class RunContext:
         store = Store(cache_dir)
         store.sweep_stale()
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+        claim_run_folder(out_dir, recipe, force)
         return cls(recipe, out_dir, Steps(store, recipe.name, use_cache, on_step), profiles)
 
     @property
@@ -105,9 +105,12 @@ class RunContext:
         return tuple(InputSpec.from_dict(s) for s in self.io_spec(step)["inputs"])
 
     def row(self, stage: str, metrics: Metrics, *, target: str | None = None, backend: str | None = None,
-            status: str | None = None) -> None:
-        """One results row; a compression stage's row is checked against the accuracy budget at once."""
-        self.rows.append({**report.row(stage, metrics, target=target, backend=backend, status=status),
+            status: str | None = None, artifact: Path | None = None, bundle: Path | None = None) -> None:
+        """One results row; a compression stage's row is checked against the accuracy budget at once. `artifact`
+        and `bundle` are paths in the run folder (recorded relative to it)."""
+        where = {k: str(Path(v).relative_to(self.out_dir)) if v else None
+                 for k, v in (("artifact", artifact), ("bundle", bundle))}
+        self.rows.append({**report.row(stage, metrics, target=target, backend=backend, status=status, **where),
                           "metric": self.task_metric.name})
         if target is None:
             report.check_budget(self.rows, self.recipe.budget)

@@ -209,11 +209,25 @@ def target_step(ctx: RunContext, profile: Profile, fp32: Step, int8: dict[str, S
                            measured_on=c.measured_on)
         ctx.row(onnx_label(c.source) if c.source else "-", (c.source.metrics if c.source else Metrics()).merged(
             measured), target=profile.name, backend=c.backend,
-            status=c.status if not c.reason else f"{c.status}: {c.reason}")
+            status=c.status if not c.reason else f"{c.status}: {c.reason}", artifact=_artifact(ctx, profile, c),
+            bundle=ctx.out_dir / "bundles" / profile.name if c is chosen else None)
     if chosen is None:
         return failure_summary(profile, found)
     _bundle_step(ctx, profile, chosen)
     return None
+
+
+def candidate_folder(ctx: RunContext, profile: Profile, candidate: Candidate) -> Path:
+    return ctx.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}"
+
+
+def _artifact(ctx: RunContext, profile: Profile, candidate: Candidate) -> Path | None:
+    """The compiled file (a TensorRT engine built on the device: the ONNX it is built from), if compiled."""
+    if candidate.compiled is None:
+        return None
+    folder = candidate_folder(ctx, profile, candidate)
+    name = get_backend(candidate.backend).ARTIFACT
+    return folder / (name if (candidate.compiled.artifact / name).is_file() else ONNX_FILE)
 
 
 def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) -> None:
@@ -242,7 +256,7 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
             "options": {**options.__dict__, "tuning_dir": None},
             # tuning times candidates on this host: its result is this host's, and it runs alone here
             "host": host_description() if options.tuning_trials else None},
-            build, ctx.out_dir / "targets" / profile.name / f"{candidate.backend}-{candidate.precision}")
+            build, candidate_folder(ctx, profile, candidate))
     except BackendError as exc:
         candidate.status, candidate.reason = "failed", str(exc)
         warn(f"✘ {label}: {exc}")

@@ -165,20 +165,26 @@ def evaluate_onnx_file(path: Path, recipe) -> dict:
             "accuracy": accuracy}
 
 
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-               "tensor(int32)": "int32"}
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
+
+
+def load_onnx_file(path: Path):
+    """Any ONNX file in ONNX Runtime (the pipeline's session set-up), or one line saying why it cannot be."""
+    from edgesmith.targets.backends.onnxruntime import OrtRunner
+
+    try:
+        return OrtRunner(path)
+    except Exception as exc:   # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
+        raise ModelError(f"'{path}' cannot be loaded by ONNX Runtime: {first_line(exc)}") from exc
 
 
 def _open_onnx(path: Path, specs: tuple[InputSpec, ...]):
     """The file in ONNX Runtime, refused in one line when it is not ONNX or does not take the recipe's inputs."""
-    from edgesmith.targets.backends.onnxruntime import OrtRunner
     from edgesmith.targets.bundle_files.edgesmith_runtime import InputError, check_feeds
 
-    try:
-        runner = OrtRunner(path)
-    except Exception as exc:   # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
-        raise ModelError(f"'{path}' cannot be loaded by ONNX Runtime: {first_line(exc)}") from exc
-    takes = [{"name": i.name, "dtype": _ORT_DTYPES.get(i.type, i.type),
+    runner = load_onnx_file(path)
+    takes = [{"name": i.name, "dtype": ORT_DTYPES.get(i.type, i.type),
               "shape": [d if isinstance(d, int) else 1 for d in i.shape],
               "dynamic_axes": {str(a): str(d) for a, d in enumerate(i.shape) if not isinstance(d, int)}}
              for i in runner.session.get_inputs()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 import warnings
 
 from rich.console import Console
@@ -48,10 +49,60 @@ def silenced(quiet: bool = True):
         logger.setLevel(previous)
 
 
-def progress_bar() -> Progress:
+def progress_bar() -> Progress | LineProgress:
+    """A live bar on a terminal; in a log or a pipe, plain lines (a bar redrawn there arrives cut off)."""
+    if not console.is_terminal:
+        return LineProgress()
     return Progress(TextColumn("  [bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False, disable=not logger.isEnabledFor(logging.INFO))
+                    console=console, transient=False, disable=not enabled())
+
+
+class LineProgress:
+    """Progress for logs: a line whenever an update closes a stretch of work (an update without `advance`: an
+    epoch's end, with its validation score) and otherwise at most every INTERVAL_S seconds, each with the count,
+    the status, the elapsed and the estimated remaining time. The subset of rich's Progress that stages use."""
+    INTERVAL_S = 30.0
+
+    def __init__(self):
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        now = time.monotonic()
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "completed": 0,
+                                       "status": fields.get("status", ""), "started": now, "printed": now}
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, advance: float | None = None, completed: float | None = None,
+               **fields) -> None:
+        task = self.tasks[task_id]
+        task["completed"] = completed if completed is not None else task["completed"] + (advance or 0)
+        task["status"] = fields.get("status", task["status"])
+        now = time.monotonic()
+        if advance is None or now - task["printed"] >= self.INTERVAL_S:
+            task["printed"] = now
+            info(escape(self._line(task, now)))
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    @staticmethod
+    def _line(task: dict, now: float) -> str:
+        elapsed, done, total = now - task["started"], task["completed"], task["total"]
+        count = f"{done:.0f}/{total:.0f}" if total else f"{done:.0f}"
+        remaining = f", ~{_clock(elapsed * (total - done) / done)} left" if total and done else ""
+        return f"  {task['description']}: {count} {task['status']} ({_clock(elapsed)} elapsed{remaining})"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 @contextlib.contextmanager

@@ -18,8 +18,9 @@ from edgesmith.pipeline.versions import tool_versions
 
 
 def row(stage: str, metrics: Metrics, *, target: str | None = None, backend: str | None = None,
-        status: str | None = None) -> dict:
-    """One results row: a stage's model (target null), or one backend × precision candidate of a target."""
+        status: str | None = None, artifact: str | None = None, bundle: str | None = None) -> dict:
+    """One results row: a stage's model (target null), or one backend × precision candidate of a target.
+    `artifact`: the file the row measured, `bundle`: the folder to ship (chosen rows), relative to the run folder."""
     out = {"stage": stage, "target": target, "precision": metrics.precision or "fp32",
            **{k: getattr(metrics, k) for k in ("accuracy", "params", "macs", "sparsity", "onnx_bytes",
                                                "onnx_zipped_bytes", "latency_ms")}}
@@ -30,6 +31,7 @@ def row(stage: str, metrics: Metrics, *, target: str | None = None, backend: str
     if metrics.parity:
         out["parity"] = {k: metrics.parity.get(k) for k in ("max_abs_diff", "top1_agreement", "cosine")}
     out["fidelity"] = _fidelity_figures(metrics.fidelity)
+    out["artifact"], out["bundle"] = artifact, bundle
     if metrics.int8_vs_fp32:
         out["int8_vs_fp32"] = {**_fidelity_figures(metrics.int8_vs_fp32), "passed": metrics.int8_vs_fp32["passed"],
                                "gated": metrics.int8_vs_fp32.get("gated", True)}
@@ -77,7 +79,7 @@ def check_budget(result_rows: list[dict], budget: BudgetConfig) -> None:
 
 FLAT_COLUMNS = ("model", "recipe", "target", "stage", "backend", "precision", "status", "metric", "accuracy",
                 "cosine", "psnr_db", "max_abs_diff", "top1_agreement", "params", "macs", "sparsity", "onnx_bytes",
-                "p50_ms", "p90_ms", "p99_ms", "measured_on")
+                "p50_ms", "p90_ms", "p99_ms", "measured_on", "artifact", "bundle")
 
 
 def flat_rows(result_rows: list[dict], model: str, recipe: str) -> list[dict]:
@@ -88,7 +90,7 @@ def flat_rows(result_rows: list[dict], model: str, recipe: str) -> list[dict]:
         latency, fidelity = r.get("latency_ms") or {}, r.get("fidelity") or {}
         flat.append({"model": model, "recipe": recipe, **{k: r.get(k) for k in (
             "target", "stage", "backend", "precision", "status", "metric", "accuracy", "params", "macs", "sparsity",
-            "onnx_bytes", "measured_on")}, **{k: fidelity.get(k) for k in (
+            "onnx_bytes", "measured_on", "artifact", "bundle")}, **{k: fidelity.get(k) for k in (
                 "cosine", "psnr_db", "max_abs_diff", "top1_agreement")},
             **{f"{p}_ms": latency.get(p) for p in ("p50", "p90", "p99")}})
         flat[-1]["status"] = flat[-1]["status"] or "ok"
@@ -115,7 +117,7 @@ def write(out_dir: Path, recipe: Recipe, steps, result_rows: list[dict], started
         "versions": tool_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 2),
-        "steps": [{"kind": s.kind, "key": s.key, "cached": s.cached, "seconds": round(s.seconds, 3),
+        "steps": [{"kind": s.kind, "label": s.label, "key": s.key, "cached": s.cached, "seconds": round(s.seconds, 3),
                    "build_seconds": s.build_seconds, "key_parts": sorted(s.key_parts)} for s in steps],
         "hashes": files,
         "metrics": result_rows,

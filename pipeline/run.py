@@ -45,12 +45,18 @@ class RunResult:
 
     @property
     def executed(self) -> list[str]:
-        return [s.kind for s in self.steps if not s.cached]
+        """The steps this run built, each once, by name (`train (stage 1)`, `compile x86-host tvm/int8`)."""
+        return list(dict.fromkeys(s.label for s in self.steps if not s.cached))
+
+    @property
+    def bundles(self) -> dict[str, Path]:
+        """target → the bundle folder to ship."""
+        return {r["target"]: self.out_dir / r["bundle"] for r in self.rows if r.get("bundle")}
 
 
 def run(recipe: Recipe, out_dir: Path, cache_dir: Path, *, use_cache: bool = True,
-        on_step: Callable[[str], None] | None = None) -> RunResult:
-    ctx = RunContext.open(recipe, out_dir, cache_dir, use_cache, on_step)
+        on_step: Callable[[str], None] | None = None, force: bool = False) -> RunResult:
+    ctx = RunContext.open(recipe, out_dir, cache_dir, use_cache, on_step, force)
     with ctx.reporting():  # results of finished steps are written even when a later step fails
         stages = recipe.model_stages
         trained = _leading_train_stages(stages)
@@ -95,7 +101,8 @@ def model_step(ctx: RunContext) -> Step:
 
 def model_row(ctx: RunContext, label: str, step: Step, folder: Path) -> None:
     """A torch model's row: its own metrics, its ONNX file's size and host latency, and fidelity to the reference."""
-    ctx.row(label, step.metrics.merged(*_onnx_metrics(ctx, step, folder), fidelity_metrics(ctx, step)))
+    ctx.row(label, step.metrics.merged(*_onnx_metrics(ctx, step, folder), fidelity_metrics(ctx, step)),
+            artifact=folder / "onnx" / ONNX_FILE)
 
 
 def outputs_step(ctx: RunContext, subject: Step) -> Step:
@@ -198,7 +205,8 @@ def export_step(ctx: RunContext, previous: Step) -> Step:
     step = ctx.steps.run("export", "export (parity gate)", {
         "onnx": onnx.key, "config": cfg.model_dump(mode="json"), "data": ctx.data_key(),
         "metric": ctx.metric_key(), "reference": ctx.reference.key}, build, ctx.out_dir / "export")
-    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics, fidelity_metrics(ctx, step)))
+    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics, fidelity_metrics(ctx, step)),
+            artifact=ctx.out_dir / "export" / ONNX_FILE)
     return step
 
 
@@ -219,11 +227,12 @@ def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, te
             **onnx_size(tmp / ONNX_FILE), accuracy=_onnx_accuracy(ctx, tmp, specs), parity=result.metrics.get("parity"),
             precision="int8", scheme=scheme)), {"stage_metrics": result.metrics})
 
+    folder = ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}-{scheme}"
     step = ctx.steps.run(stage.kind, f"{stage.kind} {scheme}", {
         "model": model_step.key, "fp32": fp32.key, "config": stage.model_dump(mode="json", exclude={"schemes"}),
         "scheme": scheme, "data": ctx.data_key(), "teacher": teacher.key, "metric": ctx.metric_key(),
         "export": ctx.recipe.export.model_dump(mode="json")},   # one scheme more must not redo the others
-        build, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}-{scheme}")
+        build, folder)
     int8_out, fp32_out = (read_outputs(outputs_step(ctx, s).artifact / OUTPUTS_FILE) for s in (step, fp32))
     reference = read_outputs(ctx.reference.artifact / OUTPUTS_FILE)
     vs_fp32, fidelity = compare_outputs(int8_out, fp32_out), compare_outputs(int8_out, reference)
@@ -237,7 +246,7 @@ def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, te
     ctx.row(deploy.onnx_label(step), step.metrics.merged(
         latency_step(ctx, step).metrics, Metrics(fidelity=fidelity, int8_vs_fp32={
             **vs_fp32, "passed": not problem, "gated": gated})),
-        status=f"failed: {problem}" if problem else None)
+        status=f"failed: {problem}" if problem else None, artifact=folder / ONNX_FILE)
     return None if problem else step
 
 

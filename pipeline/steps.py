@@ -63,11 +63,12 @@ class Step:
     metrics: Metrics
     facts: dict
     key_parts: dict
+    label: str                # what progress lines call it: `compile x86-host onnxruntime/int8`
 
     @classmethod
-    def from_sidecar(cls, sidecar: dict, artifact: Path, cached: bool, seconds: float) -> Step:
+    def from_sidecar(cls, sidecar: dict, artifact: Path, cached: bool, seconds: float, label: str) -> Step:
         return cls(sidecar["kind"], sidecar["key"], artifact, cached, seconds, sidecar["seconds"],
-                   Metrics(**sidecar["metrics"]), sidecar["facts"], sidecar["key_parts"])
+                   Metrics(**sidecar["metrics"]), sidecar["facts"], sidecar["key_parts"], label)
 
 
 BuildFunction = Callable[[Path], Built]
@@ -99,7 +100,7 @@ class Steps:
                 if not cached:
                     loaded = self._build(kind, key, label, parts, build)
         artifact, sidecar = loaded
-        step = Step.from_sidecar(sidecar, artifact, cached, time.time() - start)
+        step = Step.from_sidecar(sidecar, artifact, cached, time.time() - start, label)
         info(f"[green]✔ {label}[/] {'cached' if cached else 'done'} in {step.seconds:.1f}s")
         if publish_to is not None:
             publish(artifact, publish_to)

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -8,11 +9,12 @@ from tests.conftest import FAST, chosen, edgesmith
 from tests.targets.conftest import tiny_cnn
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["models"], ["targets"], ["targets", "show"], ["bundle", "verify"],
-                                     ["board", "emulate"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["batch"], ["bench"], ["runs"], ["report"], ["models"], ["targets"],
+                                     ["targets", "show"], ["bundle", "verify"], ["board", "emulate"]])
 def test_help_on_every_command(command):
     proc = edgesmith(*command, "--help", check=True)
-    assert "Usage" in proc.stdout
+    assert "Usage" in proc.stdout and "<bool>" not in proc.stdout   # flags are flags; options name what they take
+    assert not [line for line in proc.stdout.splitlines() if re.match(r"\s+--[a-z-]+ <", line)]
 
 
 def test_models_and_targets_listings():
@@ -76,20 +78,74 @@ def test_default_recipe_end_to_end(tmp_path):
     assert "nothing, all cached" in again.stdout
 
 
-def test_fast_recipe_cli_variant_runs(tmp_path):
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """The fast recipe through the CLI with stdout and stderr piped, as in a CI log: (run folder, cache, process)."""
+    root = tmp_path_factory.mktemp("fast")
     args = [a for item in FAST for a in ("--set", item)]
-    edgesmith("run", *args, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), check=True)
-    assert (tmp_path / "r/results.md").is_file()
+    proc = edgesmith("run", *args, "--out", str(root / "r"), "--cache-dir", str(root / "c"), check=True)
+    return root / "r", root / "c", proc
 
 
-def test_evaluate_scores_any_onnx_file_on_the_validation_split(tmp_path):
+def test_in_a_log_progress_is_plain_lines_and_tables_keep_their_natural_width(fast_run):
+    out, _, proc = fast_run
+    assert "\x1b" not in proc.stdout + proc.stderr and "━" not in proc.stderr   # no escapes, no redrawn bars
+    # one line per step at its start and its end, named; the train stage's epoch lines with elapsed and remaining
+    assert "▶ train (stage 1) running" in proc.stderr and "✔ train (stage 1) done in" in proc.stderr
+    assert "▶ compile x86-host tvm/fp32 running" in proc.stderr
+    epoch = next(line for line in proc.stderr.splitlines() if line.strip().startswith("train: "))
+    assert "epoch 1/1" in epoch and "val " in epoch and "elapsed" in epoch
+    # a table row is one line however long: the host description is never folded into the next lines
+    timed = [line for line in proc.stdout.splitlines() if line.startswith(" x86-host") and "fp32" in line]
+    assert len(timed) == 2 and all("(x86_64, " in line for line in timed)
+    assert max(len(line) for line in proc.stdout.splitlines()) > 120
+    # what to ship, and each step built named once
+    assert f"ship x86-host: {out}/bundles/x86-host/" in proc.stdout and "open_bundle(" in proc.stdout
+    executed = next(line for line in proc.stdout.splitlines() if line.startswith("executed: "))
+    names = executed.removeprefix("executed: ").split(", ")
+    assert "train (stage 1)" in names and len(names) == len(set(names))
+
+
+def test_rows_name_their_artifact_and_the_bundle_has_a_readme(fast_run):
+    out, _, _ = fast_run
+    rows = json.loads((out / "results.json").read_text())
+    for row in rows:
+        assert row["artifact"] is None or (out / row["artifact"]).is_file(), row
+    shipped = chosen(rows, "x86-host")
+    assert shipped["bundle"] == "bundles/x86-host" and shipped["artifact"].startswith("targets/x86-host/")
+    readme = (out / "bundles/x86-host/README.md").read_text()
+    assert "open_bundle(" in readme and "edgesmith_runtime.py --check" in readme and "onnxruntime==" in readme
+    assert edgesmith("bundle", "verify", str(out / "bundles/x86-host"), check=True).returncode == 0   # hashed too
+    listed = edgesmith("runs", str(out.parent), check=True).stdout
+    assert str(out) in listed and "mnist-cnn-edge" in listed and "x86-host: " in listed
+
+
+def test_json_prints_only_the_rows_and_another_recipe_needs_force(fast_run, tmp_path):
+    out, cache, _ = fast_run
     args = [a for item in FAST for a in ("--set", item)]
-    edgesmith("run", *args, "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), check=True)
-    rows = json.loads((tmp_path / "r/results.json").read_text())
-    proc = edgesmith("evaluate", str(tmp_path / "r/export/model.onnx"), str(tmp_path / "r/recipe.yaml"), check=True)
+    same = edgesmith("run", *args, "--out", str(out), "--cache-dir", str(cache), "--json", check=True)
+    assert json.loads(same.stdout) == json.loads((out / "results.json").read_text())   # stdout: JSON, nothing else
+    other = [*args, "--set", "model.kwargs={width: 8}"]
+    refused = edgesmith("run", *other, "--out", str(out), "--cache-dir", str(cache))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "holds another recipe's run (model.kwargs.width: — → 8)" in refused.stderr and "--force" in refused.stderr
+    assert "width: 8" not in (out / "recipe.yaml").read_text()   # untouched
+    copy = tmp_path / "copy"
+    edgesmith("run", *args, "--out", str(copy), "--cache-dir", str(cache), "--quiet", check=True)
+    (copy / "stages" / "07-left-over").mkdir()
+    forced = edgesmith("run", *other, "--out", str(copy), "--cache-dir", str(cache), "--force", "--quiet",
+                       check=True)
+    assert forced.stderr == "" and "width: 8" in (copy / "recipe.yaml").read_text()
+    assert not (copy / "stages" / "07-left-over").exists()   # the folder describes the new run only
+
+
+def test_evaluate_scores_any_onnx_file_on_the_validation_split(fast_run, tmp_path):
+    out, _, _ = fast_run
+    rows = json.loads((out / "results.json").read_text())
+    proc = edgesmith("evaluate", str(out / "export/model.onnx"), str(out / "recipe.yaml"), check=True)
     scored = json.loads(proc.stdout)
     assert scored["accuracy"] == next(r for r in rows if r["stage"] == "export")["accuracy"]
-    missing = edgesmith("evaluate", str(tmp_path / "nope.onnx"), str(tmp_path / "r/recipe.yaml"))
+    missing = edgesmith("evaluate", str(tmp_path / "nope.onnx"), str(out / "recipe.yaml"))
     assert missing.returncode == 2 and "nope.onnx' does not exist" in missing.stderr
 
 
