@@ -93,7 +93,7 @@ def run(recipe: Optional[Path] = typer.Argument(None, metavar="[RECIPE]",
         for table in report.tables(result.rows):
             stdout.print(table)
         stdout.print(f"run folder: {result.out_dir}  (results.csv, results.json, manifest.json)", highlight=False)
-        stdout.print(f"executed: {', '.join(result.executed) or 'nothing, all cached'}", highlight=False)
+        stdout.print(f"executed: {', '.join(result.executed_labels) or 'nothing, all cached'}", highlight=False)
         for line in _ship_lines(result):
             stdout.print(line, highlight=False, soft_wrap=True)
 

@@ -139,7 +139,7 @@ def _scatter(target: str, runs: list[RunRecord]) -> str:
     front = pareto_front(points)
     ax.step([p["p50"] for p in front], [p["y"] for p in front], where="post", color="grey", linestyle="--",
             linewidth=1, zorder=2, label="Pareto front")
-    for p in points:
+    for p in [p for p in points if p["chosen"] or p in front]:   # the rest: by colour, in the tables below
         ax.annotate(p["label"].split(" ", 1)[1], (p["p50"], p["y"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     latencies = [p["p50"] for p in points]

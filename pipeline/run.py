@@ -45,6 +45,11 @@ class RunResult:
 
     @property
     def executed(self) -> list[str]:
+        """The kinds of the steps this run built (`model`, `train`, `compile`, …), in order."""
+        return [s.kind for s in self.steps if not s.cached]
+
+    @property
+    def executed_labels(self) -> list[str]:
         """The steps this run built, each once, by name (`train (stage 1)`, `compile x86-host tvm/int8`)."""
         return list(dict.fromkeys(s.label for s in self.steps if not s.cached))
 
