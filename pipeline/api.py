@@ -77,11 +77,14 @@ def report(folders: list[str | Path], out_file: str | Path) -> Path:
 
 
 def bench(onnx_path: str | Path, target: str = "x86-host", *, batch: int = 1, runs: int = 200,
-          warmup: int = 20) -> list[dict]:
-    """Latency of any ONNX file on this host, with each backend of the host profile `target` (ONNX Runtime and
-    TVM for x86-host), through the pipeline's own compile, load and timing loop: one dict per backend with
-    `latency_ms` {p50, p90, p99, mean, …} or a `status` saying why it was skipped or failed."""
+          warmup: int = 20, rpc_tracker: str | None = None) -> list[dict]:
+    """Latency of any ONNX file with each backend of the profile `target`, through the pipeline's own compile, load
+    and timing loop: one dict per backend with `latency_ms` {p50, p90, p99, mean, …} or a `status` saying why it
+    was skipped or failed. A host profile is timed here; a board's through the RPC tracker `rpc_tracker`, where its
+    bundle server (`edgesmith_runtime.py --rpc-server`) is registered under the profile's rpc_key."""
     import tempfile
+
+    import onnx
 
     from edgesmith.errors import TargetError
     from edgesmith.pipeline.bench import bench_onnx
@@ -90,13 +93,20 @@ def bench(onnx_path: str | Path, target: str = "x86-host", *, batch: int = 1, ru
     path = Path(onnx_path)
     if not path.is_file():
         raise TargetError(f"'{path}' does not exist; give an ONNX file")
-    profile = load_profile(target)
-    if not profile.is_host:
-        raise TargetError(f"'{target}' is a device, not this host: `edgesmith bench` times on this machine; time a "
-                          f"model on the device by running a recipe with targets: [{target}] and compile.rpc_tracker "
-                          "set to the tracker its bundle server registers with (README: Devices)")
+    profile, cfg = load_profile(target), BenchConfig(batch_size=batch, runs=runs, warmup=warmup)
     with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as work:
-        return bench_onnx(path, profile, BenchConfig(batch_size=batch, runs=runs, warmup=warmup), Path(work))
+        if profile.is_host:
+            return bench_onnx(path, profile, cfg, Path(work))
+        if not (rpc_tracker and profile.rpc_key):
+            raise TargetError(f"'{target}' is a device, not this host: give --rpc-tracker HOST:PORT, the tracker its "
+                              f"bundle server registers with under rpc_key '{profile.rpc_key}' (`python3 "
+                              "edgesmith_runtime.py --rpc-server --tracker HOST:PORT --key KEY`, shipped in every "
+                              "bundle; README: Devices)" if profile.rpc_key else
+                              f"'{target}' is a device without an rpc_key in its profile: it cannot be reached")
+        from edgesmith.pipeline.bench_device import bench_on_device
+
+        quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+        return bench_on_device(path, profile, cfg, rpc_tracker, "int8" if quantized else "fp32", Path(work))
 
 
 def runs(folder: str | Path = "runs") -> list[dict]:

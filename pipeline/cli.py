@@ -186,30 +186,35 @@ def evaluate(onnx_file: Path = typer.Argument(..., metavar="FILE.onnx",
 @app.command()
 def bench(onnx_file: Path = typer.Argument(..., metavar="FILE.onnx", help="Any ONNX file."),
           target: str = typer.Option("x86-host", "--target", metavar="NAME",
-                                     help="A host profile: its backends time the file."),
+                                     help="Device profile whose backends time the file (a board needs --rpc-tracker)."),
           batch_size: int = typer.Option(1, "--batch", metavar="N", min=1, help="Batch size of the timed inputs."),
           runs: int = typer.Option(200, "--runs", metavar="N", min=1, help="Timed runs after the warm-up."),
           warmup: int = typer.Option(20, "--warmup", metavar="N", min=0, help="Untimed runs first."),
+          rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", metavar="HOST:PORT",
+                                                    help="Time on a board: the tracker its bundle server registers "
+                                                    "with (under the profile's rpc_key)."),
           as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
-    """Latency of any ONNX file on this host with ONNX Runtime and TVM: the pipeline's statistics (p50/p90/p99)."""
+    """Latency of any ONNX file with the pipeline's statistics (p50/p90/p99): on this host with ONNX Runtime and
+    TVM, or on a board over RPC (--target BOARD --rpc-tracker HOST:PORT)."""
     with _user_errors(debug):
         import json
 
         import edgesmith
 
-        rows = edgesmith.bench(onnx_file, target, batch=batch_size, runs=runs, warmup=warmup)
+        rows = edgesmith.bench(onnx_file, target, batch=batch_size, runs=runs, warmup=warmup,
+                               rpc_tracker=rpc_tracker)
         if as_json:
             print(json.dumps(rows, indent=2))
             return
         table = Table(title=f"{onnx_file} on {target}, batch {batch_size}", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("backend", "precision", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "status"):
-            table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right")
+        for column in ("backend", "precision", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "measured on", "status"):
+            table.add_column(column, justify="right" if column.endswith(("ms", "/s")) else "left")
         for r in rows:
             stats = r.get("latency_ms") or {}
             cells = [f"{stats[k]:.3f}" if k in stats else "—" for k in ("p50", "p90", "p99")]
-            table.add_row(r["backend"], r["precision"], *cells,
-                          f"{stats['throughput']:.1f}" if stats else "—", r["status"])
+            table.add_row(r["backend"], r["precision"], *cells, f"{stats['throughput']:.1f}" if stats else "—",
+                          r.get("measured_on") or "this host", r["status"])
         stdout.print(table)
 
 
