@@ -162,8 +162,11 @@ def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = [sys.executable, "-m", "edgesmith", "batch", str(matrix), "--out", str(out), "--cache-dir",
                str(cache), "--max-parallel", "1"]
+    # SIGINT as a terminal has it: a test run started in the background (nohup, `&` in a script) inherits it ignored,
+    # and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     status = out / "jobs" / "mnist_cnn-width8__a" / "status.json"
     deadline = time.time() + 120
     while time.time() < deadline and not (status.exists() and "train" in status.read_text()):
