@@ -84,8 +84,6 @@ def bench(onnx_path: str | Path, target: str = "x86-host", *, batch: int = 1, ru
     bundle server (`edgesmith_runtime.py --rpc-server`) is registered under the profile's rpc_key."""
     import tempfile
 
-    import onnx
-
     from edgesmith.errors import TargetError
     from edgesmith.pipeline.bench import bench_onnx
     from edgesmith.pipeline.config import BenchConfig
@@ -105,8 +103,7 @@ def bench(onnx_path: str | Path, target: str = "x86-host", *, batch: int = 1, ru
                               f"'{target}' is a device without an rpc_key in its profile: it cannot be reached")
         from edgesmith.pipeline.bench_device import bench_on_device
 
-        quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
-        return bench_on_device(path, profile, cfg, rpc_tracker, "int8" if quantized else "fp32", Path(work))
+        return bench_on_device(path, profile, cfg, rpc_tracker, Path(work))
 
 
 def runs(folder: str | Path = "runs") -> list[dict]:

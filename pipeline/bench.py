@@ -1,7 +1,7 @@
 """Benchmark orchestration: load a compiled artifact with its backend and time it with the harness."""
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 import onnx
@@ -11,6 +11,7 @@ from edgesmith.benchmarks.harness import LatencyStats, measure
 from edgesmith.errors import first_line
 from edgesmith.models import InputSpec
 from edgesmith.pipeline import host_lock
+from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.config import BenchConfig
 from edgesmith.pipeline.evaluate import ORT_DTYPES, load_onnx_file
 from edgesmith.targets import Profile
@@ -30,12 +31,13 @@ def time_runner(runner, specs: tuple[InputSpec, ...], cfg: BenchConfig) -> Laten
                        threads=runner.threads)
 
 
-def onnx_input_specs(onnx_path: Path, batch: int) -> tuple[InputSpec, ...]:
-    """Input specs of any ONNX file: symbolic axes take the size io.json beside it declares, else the batch (axis
-    0) or 1. Integer inputs (token ids, masks) get ones and zeros, which any embedding table accepts."""
+def onnx_input_specs(runner, onnx_path: Path, batch: int) -> tuple[InputSpec, ...]:
+    """Input specs of any ONNX file (`runner`: it loaded in ONNX Runtime): symbolic axes take the size io.json beside
+    it declares, else the batch (axis 0) or 1. Integer inputs (token ids, masks) get zeros and ones, which any
+    embedding table accepts."""
     declared = declared_input_shapes(onnx_path)
     specs = []
-    for graph_input in load_onnx_file(onnx_path).session.get_inputs():
+    for graph_input in runner.session.get_inputs():
         dtype = ORT_DTYPES.get(graph_input.type)
         if dtype is None:
             raise BackendError(f"{onnx_path}: input '{graph_input.name}' is {graph_input.type}; edgesmith bench "
@@ -47,12 +49,26 @@ def onnx_input_specs(onnx_path: Path, batch: int) -> tuple[InputSpec, ...]:
     return tuple(specs)
 
 
+def onnx_precision(onnx_path: Path) -> str:
+    """int8 for a Q/DQ file, else fp32: what a backend is asked to build from it."""
+    return "int8" if any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node) else "fp32"
+
+
+def compile_for(backend, onnx_path: Path, profile: Profile, folder: Path, options: CompileOptions) -> dict:
+    """Compiles into `folder` with compile.json beside the artifact (what the backend's load() reads), the way every
+    run and bench builds one; a tuned TVM build times candidates, so it holds the host alone meanwhile."""
+    with host_lock.measuring() if options.tuning_trials else contextlib.nullcontext():
+        facts = backend.compile(onnx_path, profile, folder, options)
+    atomic_write_json(folder / "compile.json", facts)
+    return facts
+
+
 def bench_onnx(onnx_path: Path, profile: Profile, cfg: BenchConfig, work_dir: Path) -> list[dict]:
     """Latency of any ONNX file with every backend of a host profile that runs here, through the pipeline's own
     compile, load and timing loop (the same statistics as a run's rows). A backend that cannot run it is a row with
     its reason."""
-    specs = onnx_input_specs(onnx_path, cfg.batch_size)
-    precision = "int8" if any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node) else "fp32"
+    specs = onnx_input_specs(load_onnx_file(onnx_path), onnx_path, cfg.batch_size)
+    precision = onnx_precision(onnx_path)
     rows = []
     for name in profile.backends:
         backend = get_backend(name)
@@ -65,9 +81,8 @@ def bench_onnx(onnx_path: Path, profile: Profile, cfg: BenchConfig, work_dir: Pa
             continue
         folder = work_dir / name
         try:
-            facts = backend.compile(onnx_path, profile, folder, CompileOptions(precision=precision,
-                                                                               batch_size=cfg.batch_size))
-            (folder / "compile.json").write_text(json.dumps(facts))   # what load() reads, as in a run
+            compile_for(backend, onnx_path, profile, folder, CompileOptions(precision=precision,
+                                                                            batch_size=cfg.batch_size))
             stats = time_runner(backend.load(folder, profile), specs, cfg)
         except (BackendError, RuntimeError, ValueError) as exc:
             rows.append({**row, "status": f"failed: {first_line(exc)}"})

@@ -5,7 +5,6 @@ Each backend of the board's profile compiles the file for the board, the result 
 bundle server (`edgesmith_runtime.py --rpc-server`) checks parity and times it there, as in a run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import torch
 from edgesmith.benchmarks.harness import summarize
 from edgesmith.errors import first_line
 from edgesmith.pipeline import bundle
-from edgesmith.pipeline.bench import onnx_input_specs
+from edgesmith.pipeline.bench import compile_for, onnx_input_specs, onnx_precision
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
 from edgesmith.pipeline.deploy import describe, tolerance
 from edgesmith.pipeline.evaluate import load_onnx_file
@@ -23,17 +22,16 @@ from edgesmith.targets import Profile, device
 from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable, get_backend
 
 
-def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker: str, precision: str,
-                    work_dir: Path) -> list[dict]:
+def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker: str, work_dir: Path) -> list[dict]:
     """One row per backend of the profile: latency measured on the device (None on an emulated one), its parity
     against ONNX Runtime on this host, or why it was skipped or failed."""
-    specs = onnx_input_specs(onnx_path, cfg.batch_size)
+    runner, precision = load_onnx_file(onnx_path), onnx_precision(onnx_path)
+    specs = onnx_input_specs(runner, onnx_path, cfg.batch_size)
     generator = torch.Generator().manual_seed(0)
     inputs = {s.name: s.example(cfg.batch_size, generator).numpy() for s in specs}
-    reference = load_onnx_file(onnx_path)(inputs)
+    reference = runner(inputs)
     io_spec = {"inputs": [s.to_dict() for s in specs],
-               "outputs": [{"name": o.name, "dtype": "float32"} for o in
-                           load_onnx_file(onnx_path).session.get_outputs()]}
+               "outputs": [{"name": o.name, "dtype": "float32"} for o in runner.session.get_outputs()]}
     rows = []
     for name in profile.backends:
         backend = get_backend(name)
@@ -45,9 +43,8 @@ def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker
             continue
         folder = work_dir / name
         try:
-            facts = backend.compile(onnx_path, profile, folder / "compiled",
-                                    CompileOptions(precision=precision, batch_size=cfg.batch_size))
-            (folder / "compiled" / "compile.json").write_text(json.dumps(facts))
+            facts = compile_for(backend, onnx_path, profile, folder / "compiled",
+                                CompileOptions(precision=precision, batch_size=cfg.batch_size))
             (folder / "parity").mkdir()
             bundle.save_parity_data(folder / "parity", inputs, reference, reference)
             (folder / "bundle").mkdir()

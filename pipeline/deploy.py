@@ -6,7 +6,6 @@ the device itself through a TVM RPC tracker; otherwise the profile's preference 
 "not measured". An emulated device checks parity but its timings are never latency."""
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -15,9 +14,8 @@ from typing import Callable
 
 from edgesmith.benchmarks.harness import summarize
 from edgesmith.errors import first_line
-from edgesmith.pipeline import bundle, host_lock
-from edgesmith.pipeline.bench import time_runner
-from edgesmith.pipeline.cache import atomic_write_json
+from edgesmith.pipeline import bundle
+from edgesmith.pipeline.bench import compile_for, time_runner
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
 from edgesmith.pipeline.context import ONNX_FILE, RunContext
 from edgesmith.pipeline.evaluate import feeds
@@ -244,9 +242,7 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
     source = candidate.source
 
     def build(tmp: Path) -> Built:
-        with host_lock.measuring() if options.tuning_trials else contextlib.nullcontext():   # tuning times here
-            facts = backend.compile(source.artifact / ONNX_FILE, profile, tmp, options)
-        atomic_write_json(tmp / "compile.json", facts)   # what load() needs beside the artifact
+        facts = compile_for(backend, source.artifact / ONNX_FILE, profile, tmp, options)
         return Built(facts={"compile": facts, "profile": profile.name})
 
     label = f"{profile.name} {candidate.label}"

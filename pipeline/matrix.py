@@ -20,14 +20,12 @@ from pydantic import Field, model_validator
 from edgesmith.config_files import read_mapping, read_text, validated
 from edgesmith.errors import RecipeError
 from edgesmith.pipeline.config import ModelConfig, Strict
-from edgesmith.pipeline.recipe import DEFAULT_RECIPE, Recipe, apply_override, validate_recipe
-
-LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+from edgesmith.pipeline.recipe import DEFAULT_RECIPE, NAME_PATTERN, Recipe, apply_override, validate_recipe
 
 
 class MatrixModel(ModelConfig):
     """A recipe's `model` section, plus the job's name and overrides that only this model needs (its data)."""
-    label: str | None = Field(None, pattern=LABEL_PATTERN)
+    label: str | None = Field(None, pattern=NAME_PATTERN)
     set: list[str] = []
 
     @property
@@ -55,7 +53,7 @@ class ExecutorConfig(Strict):
 
 
 class Matrix(Strict):
-    name: str = Field(pattern=LABEL_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN)
     recipe: Path | None = None       # neither recipe nor recipes: the built-in default recipe
     recipes: list[Path] | None = Field(None, min_length=1)
     models: list[MatrixModel] | None = Field(None, min_length=1)

@@ -89,9 +89,6 @@ class LineProgress:
             task["printed"] = now
             info(escape(self._line(task, now)))
 
-    def advance(self, task_id: int, advance: float = 1) -> None:
-        self.update(task_id, advance=advance)
-
     @staticmethod
     def _line(task: dict, now: float) -> str:
         elapsed, done, total = now - task["started"], task["completed"], task["total"]

@@ -29,6 +29,7 @@ from edgesmith.pipeline.stages import entry_for, stage_entries, stage_tag
 from edgesmith.targets import ProfileError, list_profiles
 
 DEFAULT_RECIPE = "default.yaml"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"   # recipe names and batch labels: they name folders
 _STAGE_CLASSES = {tag: entry.config for tag, entry in stage_entries().items()}
 _KINDS = ", ".join(sorted({tag.split("-")[0] for tag in _STAGE_CLASSES}))
 _METHODS = " | ".join(tag.split("-", 1)[1] for tag in _STAGE_CLASSES if "-" in tag)
@@ -40,7 +41,7 @@ Stage = Annotated[Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in _STAGE_CL
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     model: ModelConfig
     data: DataConfig
     stages: list[Stage] = []
