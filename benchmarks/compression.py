@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -234,8 +235,10 @@ def b5(work: Path, cache: Path, quick: bool) -> dict:
 BENCHMARKS = {"b1": b1, "b2": b2, "b3": b3, "b4": b4, "b5": b5}
 
 
-def main(benchmarks: dict = BENCHMARKS, doc: str = __doc__, prefix: str = "edgesmith-compression-") -> None:
-    """The command line every benchmark module shares: which ones, --quick, --json, --cache-dir."""
+def main(benchmarks: dict = BENCHMARKS, doc: str = __doc__, prefix: str = "edgesmith-compression-",
+         on_done: Callable[[dict], None] | None = None) -> None:
+    """The command line every benchmark module shares: which ones, --quick, --json, --cache-dir. `on_done`: called
+    with every benchmark's result (a summary across them)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("which", nargs="*", default=["all"], help=f"{', '.join(benchmarks)}, or all")
     parser.add_argument("--quick", action="store_true", help="shorter training: a few minutes each")
@@ -249,6 +252,8 @@ def main(benchmarks: dict = BENCHMARKS, doc: str = __doc__, prefix: str = "edges
     work = Path(tempfile.mkdtemp(prefix=prefix))
     cache = args.cache_dir or work / "cache"
     results = {name: benchmarks[name](work, cache, args.quick) for name in chosen}
+    if on_done:
+        on_done(results)
     if args.json:
         args.json.write_text(json.dumps({"quick": args.quick, "results": results}, indent=2))
         print(f"\nsaved {args.json}")

@@ -91,7 +91,8 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
     cfg = _executor_config(matrix, executor, ray_address, max_parallel)
     out = Path(out_dir or Path("runs") / matrix.name)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(matrix_file, out / "matrix.yaml")
+    if Path(matrix_file).resolve() != (out / "matrix.yaml").resolve():   # a matrix written into its out folder stays
+        shutil.copyfile(matrix_file, out / "matrix.yaml")
     for job in jobs:   # left by an interrupted batch: these jobs are queued now
         (out / "jobs" / job.label / STATUS_FILE).unlink(missing_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)

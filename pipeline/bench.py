@@ -63,14 +63,15 @@ def compile_for(backend, onnx_path: Path, profile: Profile, folder: Path, option
     return facts
 
 
-def bench_onnx(onnx_path: Path, profile: Profile, cfg: BenchConfig, work_dir: Path) -> list[dict]:
-    """Latency of any ONNX file with every backend of a host profile that runs here, through the pipeline's own
-    compile, load and timing loop (the same statistics as a run's rows). A backend that cannot run it is a row with
-    its reason."""
+def bench_onnx(onnx_path: Path, profile: Profile, cfg: BenchConfig, work_dir: Path, *,
+               backends: list[str] | None = None, precision: str | None = None) -> list[dict]:
+    """Latency of any ONNX file with every backend of a host profile that runs here (or `backends`), through the
+    pipeline's own compile, load and timing loop (the same statistics as a run's rows). A backend that cannot run it
+    is a row with its reason. `precision`: what the backends build (fp16 from an FP32 file); default the file's."""
     specs = onnx_input_specs(load_onnx_file(onnx_path), onnx_path, cfg.batch_size)
-    precision = onnx_precision(onnx_path)
+    precision = precision or onnx_precision(onnx_path)
     rows = []
-    for name in profile.backends:
+    for name in backends or profile.backends:
         backend = get_backend(name)
         row = {"file": str(onnx_path), "target": profile.name, "backend": name, "precision": precision,
                "batch": cfg.batch_size, "inputs": {s.name: list(s.shape) for s in specs}}

@@ -22,10 +22,11 @@ from edgesmith.targets import Profile, device
 from edgesmith.targets.backends import BackendError, CompileOptions, DeviceUnreachable, get_backend
 
 
-def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker: str, work_dir: Path) -> list[dict]:
-    """One row per backend of the profile: latency measured on the device (None on an emulated one), its parity
-    against ONNX Runtime on this host, or why it was skipped or failed."""
-    runner, precision = load_onnx_file(onnx_path), onnx_precision(onnx_path)
+def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker: str, work_dir: Path, *,
+                    backends: list[str] | None = None, precision: str | None = None) -> list[dict]:
+    """One row per backend of the profile (or `backends`): latency measured on the device (None on an emulated one),
+    its parity against ONNX Runtime on this host, or why it was skipped or failed. `precision` as in bench_onnx."""
+    runner, precision = load_onnx_file(onnx_path), precision or onnx_precision(onnx_path)
     specs = onnx_input_specs(runner, onnx_path, cfg.batch_size)
     generator = torch.Generator().manual_seed(0)
     inputs = {s.name: s.example(cfg.batch_size, generator).numpy() for s in specs}
@@ -33,7 +34,7 @@ def bench_on_device(onnx_path: Path, profile: Profile, cfg: BenchConfig, tracker
     io_spec = {"inputs": [s.to_dict() for s in specs],
                "outputs": [{"name": o.name, "dtype": "float32"} for o in runner.session.get_outputs()]}
     rows = []
-    for name in profile.backends:
+    for name in backends or profile.backends:
         backend = get_backend(name)
         row = {"file": str(onnx_path), "target": profile.name, "backend": name, "precision": precision,
                "batch": cfg.batch_size, "inputs": {s.name: list(s.shape) for s in specs}}

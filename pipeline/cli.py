@@ -94,8 +94,23 @@ def run(recipe: Optional[Path] = typer.Argument(None, metavar="[RECIPE]",
             stdout.print(table)
         stdout.print(f"run folder: {result.out_dir}  (results.csv, results.json, manifest.json)", highlight=False)
         stdout.print(f"executed: {', '.join(result.executed_labels) or 'nothing, all cached'}", highlight=False)
-        for line in _ship_lines(result):
+        for line in _latency_budget_lines(result.rows) + _ship_lines(result):
             stdout.print(line, highlight=False, soft_wrap=True)
+
+
+def _latency_budget_lines(rows: list[dict]) -> list[str]:
+    """A prune stage's latency budget: what it was measured on, and what it reached."""
+    lines = []
+    for row in rows:
+        found = row.get("latency_budget")
+        if found and "measured_p50_ms" in found:
+            search = found["search"]
+            lines.append(f"latency budget {found['target']} ({found['backend']}/{found['precision']}, "
+                         f"{found['measured_on']}): p50 {found['measured_p50_ms']:.3f} ms ≤ {found['budget_ms']:.3f} "
+                         f"ms, {found['speedup']:.2f}× the unpruned model; {len(found['layer_ratios'])} layer ratios "
+                         f"from {search['candidates']} candidates and {search['measurements']} measurements in "
+                         f"{search['seconds']:.0f} s (table {'cached' if search['table_cached'] else 'measured'})")
+    return lines
 
 
 def _ship_lines(result) -> list[str]:

@@ -59,6 +59,23 @@ def measuring() -> Iterator[None]:
         fcntl.flock(intent, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def stepped_aside() -> Iterator[None]:
+    """Around a wait for another job's work (a latency table it is measuring): this build's shared hold is let go
+    meanwhile, or that job's measurements would wait for a build that does nothing."""
+    files = getattr(_held, "files", None)
+    if not files or _held.exclusive:
+        yield
+        return
+    intent, host = files
+    fcntl.flock(host, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        _pass_pending_measurement(intent)
+        fcntl.flock(host, fcntl.LOCK_SH)
+
+
 def pause_point() -> None:
     """Between two batches of a build: if a measurement is waiting, step aside until it is done."""
     files = getattr(_held, "files", None)

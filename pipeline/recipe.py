@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from edgesmith.config_files import read_mapping, read_text, suggest, validated
 from edgesmith.errors import RecipeError
@@ -26,7 +26,7 @@ from edgesmith.pipeline.config import (
     Strict,
 )
 from edgesmith.pipeline.stages import entry_for, stage_entries, stage_tag
-from edgesmith.targets import ProfileError, list_profiles
+from edgesmith.targets import ProfileError, list_profiles, load_profile
 
 DEFAULT_RECIPE = "default.yaml"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"   # recipe names and batch labels: they name folders
@@ -73,6 +73,34 @@ class Recipe(Strict):
             raise ValueError(f"a recipe has at most one qat/ptq stage and it comes last; got kinds "
                              f"{[s.kind for s in stages]}")
         return stages
+
+    @model_validator(mode="after")
+    def _latency_budgets_measurable(self):
+        """A latency budget is measured on its device: a target of this recipe, reachable before any work."""
+        for index, stage in enumerate(self.stages):
+            latency = getattr(stage, "latency", None)
+            if latency is None:
+                continue
+            where = f"stages.{index}.latency"
+            if latency.target not in self.targets:
+                raise ValueError(f"{where}.target '{latency.target}' is not one of the recipe's targets "
+                                 f"({', '.join(self.targets)}); add it to targets")
+            try:
+                profile = load_profile(latency.target)
+            except ProfileError as exc:
+                raise ValueError(str(exc)) from None
+            if latency.backend and latency.backend not in profile.backends:
+                raise ValueError(f"{where}.backend '{latency.backend}' is not a backend of '{profile.name}' "
+                                 f"({', '.join(profile.backends)})")
+            if not profile.is_host and not (self.compile.rpc_tracker and profile.rpc_key):
+                raise ValueError(
+                    f"{where}.target '{profile.name}' is a board, measured on the board itself: set "
+                    "compile.rpc_tracker to HOST:PORT of a TVM RPC tracker and start `python3 edgesmith_runtime.py "
+                    f"--rpc-server --tracker HOST:PORT --key {profile.rpc_key or 'KEY'}` on the board (it ships in "
+                    "every bundle)" + ("" if profile.rpc_key else "; its profile also needs an rpc_key"))
+            if latency.minimise and self.budget.max_accuracy_drop is None:
+                raise ValueError(f"{where}.minimise keeps the accuracy within budget.max_accuracy_drop; set it")
+        return self
 
     @property
     def model_stages(self) -> list:

@@ -32,6 +32,8 @@ def row(stage: str, metrics: Metrics, *, target: str | None = None, backend: str
         out["parity"] = {k: metrics.parity.get(k) for k in ("max_abs_diff", "top1_agreement", "cosine")}
     out["fidelity"] = _fidelity_figures(metrics.fidelity)
     out["artifact"], out["bundle"] = artifact, bundle
+    if metrics.latency_budget:
+        out["latency_budget"] = metrics.latency_budget
     if metrics.int8_vs_fp32:
         out["int8_vs_fp32"] = {**_fidelity_figures(metrics.int8_vs_fp32), "passed": metrics.int8_vs_fp32["passed"],
                                "gated": metrics.int8_vs_fp32.get("gated", True)}

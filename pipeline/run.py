@@ -22,6 +22,8 @@ from edgesmith.pipeline.evaluate import (
 )
 from edgesmith.pipeline.export import check_parity, export_onnx, onnx_size, write_io_spec
 from edgesmith.pipeline.fidelity import OUTPUTS_FILE, collect_outputs, compare_outputs, int8_gate, save_outputs
+from edgesmith.pipeline.latency_probe import LatencyProbe, latency_device
+from edgesmith.pipeline.latency_search import SEARCH_VERSION
 from edgesmith.pipeline.model_source import (
     build_model,
     input_specs,
@@ -35,6 +37,8 @@ from edgesmith.pipeline.stages import StageContext, entry_for, stage_tag
 from edgesmith.pipeline.steps import Built, Metrics, Step
 from edgesmith.targets.backends import get_backend
 from edgesmith.targets.bundle_files.edgesmith_runtime import file_sha256, read_outputs
+
+LATENCY_TABLES = "latency-tables"   # in the cache folder: measured per-layer latency tables, reused across runs
 
 
 @dataclass
@@ -146,19 +150,37 @@ def fidelity_metrics(ctx: RunContext, subject: Step) -> Metrics:
 
 def stage_step(ctx: RunContext, index: int, stage, previous: Step, teacher: Step | None) -> Step:
     teacher_file = getattr(getattr(stage, "teacher", None), "checkpoint", None)
+    probe = _latency_probe(ctx, stage)
 
     def build(tmp: Path) -> Built:
         model, specs = load_model_artifact(previous.artifact)
-        result = entry_for(stage).run(stage, model, ctx.dataset(specs), _stage_context(ctx, specs, teacher, index))
+        context = _stage_context(ctx, specs, teacher, index, out_dir=tmp, latency_probe=probe)
+        result = entry_for(stage).run(stage, model, ctx.dataset(specs), context)
         save_model_artifact(result.model, ctx.recipe.model, specs, tmp)
-        return Built(_torch_metrics(ctx, result.model, specs, evaluate=True), {"stage_metrics": result.metrics})
+        return Built(_torch_metrics(ctx, result.model, specs, evaluate=True).merged(
+            Metrics(latency_budget=result.metrics.get("latency_budget"))), {"stage_metrics": result.metrics})
 
+    # a latency budget's result depends on the device it was measured on (and minimise on the accuracy budget)
+    measured = {"latency": {**probe.device_key(), "budget": ctx.recipe.budget.model_dump(mode="json"),
+                            "search": SEARCH_VERSION}} if probe else {}
     return ctx.steps.run(stage.kind, f"{stage_tag(stage)} (stage {index})", {
         "input": previous.key, "config": stage.model_dump(mode="json"), "data": ctx.data_key(),
         "teacher": teacher.key if teacher else None,
         "teacher_checkpoint": _checkpoint_sha256(teacher_file) if teacher_file else None,
-        "channel_multiple": ctx.channel_multiple, "metric": ctx.metric_key()},
+        "channel_multiple": ctx.channel_multiple, "metric": ctx.metric_key(), **measured},
         build, ctx.out_dir / "stages" / f"{index:02d}-{stage.kind}")
+
+
+def _latency_probe(ctx: RunContext, stage) -> LatencyProbe | None:
+    """What measures a prune stage's latency budget on its device (None: the stage has none)."""
+    budget = getattr(stage, "latency", None)
+    if budget is None:
+        return None
+    profile = next(p for p in ctx.profiles if p.name == budget.target)
+    recipe = ctx.recipe
+    backend, precision = latency_device(profile, budget.backend, recipe.compile, recipe.quantization is not None)
+    return LatencyProbe(profile, backend, precision, recipe.bench, recipe.export, recipe.compile.rpc_tracker,
+                        ctx.store.root / LATENCY_TABLES)
 
 
 def onnx_step(ctx: RunContext, model_step: Step, folder: Path) -> Step:
@@ -260,6 +282,7 @@ def _stage_context(ctx: RunContext, specs, teacher: Step | None, index: int, **q
     sparse = any(stage_tag(s) == "prune-magnitude" for s in ctx.recipe.stages[:index - 1])
     return StageContext(specs=specs, eval_batch_size=ctx.recipe.data.eval_batch_size,
                         channel_multiple=ctx.channel_multiple, keep_sparsity=sparse,
+                        max_accuracy_drop=ctx.recipe.budget.max_accuracy_drop,
                         load_teacher=lambda: load_model_artifact(teacher.artifact)[0] if teacher else None,
                         metric=ctx.task_metric, **quantization)
 

@@ -35,6 +35,7 @@ class Metrics:
     precision: str | None = None
     scheme: str | None = None
     measured_on: str | None = None
+    latency_budget: dict | None = None   # a prune stage's latency budget: device, measured p50, ratios, search trace
 
     def merged(self, *others: Metrics) -> Metrics:
         """These metrics with every field that `others` set (left to right) replacing this one's."""

@@ -33,8 +33,11 @@ class StageContext:
     load_teacher: Callable[[], nn.Module] | None = None   # the model as it entered the first compression stage
     keep_sparsity: bool = False   # a magnitude-pruned model: later training must not regrow its zeroed weights
     metric: TaskMetric = TaskMetric("auto")   # the recipe's task metric (training history, teacher accuracy)
+    max_accuracy_drop: float | None = None    # the recipe's budget (prune.latency.minimise)
+    latency_probe: Any = None   # measures on a prune budget's device (pipeline/latency_probe.py); None: no budget
+    # The folder the stage's files go to (a model stage's search.json; a quantization stage's Q/DQ ONNX).
     # Quantization stages only: the INT8 scheme of this run, the FP32 export it starts from (PTQ calibrates it),
-    # the folder the Q/DQ ONNX goes to, and the export settings (parity bounds, onnxslim).
+    # and the export settings (parity bounds, onnxslim).
     scheme: str | None = None
     fp32_onnx: Path | None = None
     out_dir: Path | None = None

@@ -5,33 +5,84 @@ attention modules lose whole heads. Works on any architecture Torch-Pruning can 
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import hashlib
+import itertools
+import tempfile
+import time
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from edgesmith.errors import ModelError, first_line
+from edgesmith.errors import BudgetError, ModelError, first_line
 from edgesmith.pipeline.attention import split_multihead_attention
-from edgesmith.pipeline.config import FinetuneConfig, Strict
+from edgesmith.pipeline.cache import atomic_write_json
+from edgesmith.pipeline.config import DistillConfig, FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
-from edgesmith.pipeline.evaluate import model_size, top1_applies
+from edgesmith.pipeline.evaluate import feeds, model_size, top1_applies, torch_accuracy
+from edgesmith.pipeline.latency_search import Group, LatencySearch, group_levels, trace_record
 from edgesmith.pipeline.model_source import output_tensors
+from edgesmith.pipeline.progress import info, warn
 from edgesmith.pipeline.stages import StageContext, StageResult, stage
-from edgesmith.pipeline.stages.distill import finetune_objective
+from edgesmith.pipeline.stages.distill import distillation_loss, finetune_objective
 from edgesmith.pipeline.stages.layers import HEAD_COUNTS, ignored_modules, module_named
 from edgesmith.pipeline.stages.train import fit
 
 _HEAD_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 _TAYLOR_BATCHES = 4
+_CALIBRATION_BATCH, _CALIBRATION_BATCHES = 64, 4   # the latency search's damage and INT8 calibration inputs
+SEARCH_FILE = "search.json"
+
+
+class LatencyBudget(Strict):
+    """Prune to a latency measured on a device instead of a ratio: per-group ratios found by measuring there
+    (pipeline/latency_search.py). One of p50_ms, fps or speedup (against the unpruned model on that device), or
+    `minimise: true` for the fastest model within the recipe's budget.max_accuracy_drop."""
+    target: str                                       # one of the recipe's targets
+    p50_ms: float | None = Field(default=None, gt=0)
+    fps: float | None = Field(default=None, gt=0)     # samples per second at bench.batch_size
+    speedup: float | None = Field(default=None, gt=1)
+    minimise: bool = False
+    backend: Literal["onnxruntime", "tvm", "tensorrt"] | None = None   # None: what the device ships (see deploy)
+    # the pruning ratios each group is measured at; the search picks one of them (or none) per group
+    levels: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default=[0.25, 0.5, 0.75], min_length=1, max_length=8)
+    iterations: int = Field(default=8, ge=1)          # measured candidates at most, per budget
+    minimise_steps: int = Field(default=4, ge=1)      # minimise: bisection steps over the latency
+    search_epochs: int = Field(default=1, ge=1)       # minimise: fine-tuning before a candidate's accuracy is read
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("p50_ms", "fps", "speedup") if getattr(self, k) is not None]
+        if self.minimise and given:
+            raise ValueError(f"latency.minimise finds the fastest model within budget.max_accuracy_drop; drop "
+                             f"latency.{given[0]}")
+        if not self.minimise and len(given) != 1:
+            raise ValueError("give exactly one of latency.p50_ms, latency.fps or latency.speedup (or minimise: true)"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.levels != sorted(set(self.levels)):
+            raise ValueError(f"latency.levels must rise without repeats, got {self.levels}")
+        return self
+
+    def budget_ms(self, unpruned_ms: float, batch_size: int) -> float:
+        if self.p50_ms is not None:
+            return self.p50_ms
+        if self.fps is not None:
+            return 1000.0 * batch_size / self.fps
+        return unpruned_ms / self.speedup
 
 
 class PruneStage(Strict):
     """Structured pruning: whole channels (and attention heads) leave the model, so it gets faster."""
     kind: Literal["prune"]
     method: Literal["channel"] = "channel"
-    ratio: float = Field(gt=0, lt=1)                  # fraction of channels (and heads) removed
+    ratio: float | None = Field(default=None, gt=0, lt=1)   # fraction of channels (and heads) removed
+    latency: LatencyBudget | None = None              # instead of ratio: a latency budget on a device
     importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l2"
     global_pruning: bool = False                      # rank channels across layers instead of per layer
     layer_ratios: dict[str, Annotated[float, Field(gt=0, lt=1)]] = {}   # module name → its own ratio
@@ -40,11 +91,19 @@ class PruneStage(Strict):
     iterative_steps: int = Field(default=1, ge=1)     # fine-tuning runs after each step
     finetune: FinetuneConfig | None = None
 
+    @model_validator(mode="after")
+    def _ratio_or_latency(self):
+        if (self.ratio is None) == (self.latency is None):
+            raise ValueError("give prune.ratio (a fraction of channels) or prune.latency (a budget on a device), "
+                             "not both or neither")
+        if self.latency and (self.layer_ratios or self.iterative_steps > 1):
+            raise ValueError("prune.latency chooses every layer's ratio itself in one step; drop layer_ratios and "
+                             "iterative_steps")
+        return self
+
 
 @stage("prune-channel", PruneStage)
 def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> StageResult:
-    import torch_pruning as tp
-
     example = tuple(spec.example(2) for spec in ctx.specs)
     params_before, macs_before = model_size(model, ctx.specs)
     split = _split_multihead_attention(model, example)
@@ -52,18 +111,10 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
     attention = {m: _head_size(m) for m in _attention_modules(model)}   # the head size stays; the count shrinks
     num_heads = {proj: _heads(m) for m in attention for proj in _projections(m)}
     shapes_before = _output_shapes(model, example)
-    try:
-        pruner = tp.pruner.MetaPruner(
-            model, example[0] if len(example) == 1 else example, importance=_importance(cfg.importance),
-            pruning_ratio=cfg.ratio, pruning_ratio_dict={module_named(model, n, "prune.layer_ratios"): r
-                                                         for n, r in cfg.layer_ratios.items()},
-            global_pruning=cfg.global_pruning, iterative_steps=cfg.iterative_steps,
-            ignored_layers=ignored_modules(model, example, cfg.ignored_layers, "prune.ignored_layers"),
-            round_to=cfg.round_to or ctx.channel_multiple,
-            num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio=cfg.ratio)
-    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"prune: Torch-Pruning cannot trace the model's graph ({first_line(exc, 200)}); "
-                         "add the module it names to prune.ignored_layers") from None
+    searched = _latency_search(cfg, model, example, data, ctx) if cfg.latency else None
+    layer_ratios = searched["layer_ratios"] if searched else cfg.layer_ratios
+    pruner = _pruner(model, example, cfg, ctx, ratio=cfg.ratio or 0.0, layer_ratios=layer_ratios,
+                     num_heads=num_heads if cfg.ratio else {}, global_pruning=cfg.global_pruning)
     history = []
     for step in range(cfg.iterative_steps):
         if cfg.importance == "taylor":
@@ -74,15 +125,164 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
             _set_heads(m, _projections(m)[0].out_features // head_size)
         _check_outputs_kept(model, example, shapes_before)
         if cfg.finetune:
-            objective = finetune_objective(ctx, data, cfg.finetune, distill=cfg.finetune.distill,
-                                           distillation=cfg.finetune.distillation)
-            history += fit(model, data, cfg.finetune, ctx, label=f"prune finetune {step + 1}/{cfg.iterative_steps}",
-                           objective=objective)
+            history += _finetune(model, data, cfg.finetune, ctx, f"prune finetune {step + 1}/{cfg.iterative_steps}")
     params, macs = model_size(model, ctx.specs)
     return StageResult(model.eval(), {
         "params_before": params_before, "macs_before": macs_before, "params_after": params, "macs_after": macs,
         "heads_before": heads_before, "heads_after": _head_counts(model), "multihead_attention_split": split,
-        "finetune_history": history})
+        "finetune_history": history, **({"latency_budget": searched} if searched else {})})
+
+
+def _pruner(model: nn.Module, example, cfg: PruneStage, ctx: StageContext, *, ratio: float,
+            layer_ratios: dict[str, float], num_heads: dict, global_pruning: bool):
+    """Torch-Pruning's pruner for `ratio` everywhere but in `layer_ratios` (module name → ratio)."""
+    import torch_pruning as tp
+
+    try:
+        return tp.pruner.MetaPruner(
+            model, example[0] if len(example) == 1 else example, importance=_importance(cfg.importance),
+            pruning_ratio=ratio, pruning_ratio_dict={module_named(model, n, "prune.layer_ratios"): r
+                                                     for n, r in layer_ratios.items()},
+            global_pruning=global_pruning, iterative_steps=cfg.iterative_steps,
+            ignored_layers=ignored_modules(model, example, cfg.ignored_layers, "prune.ignored_layers"),
+            round_to=cfg.round_to or ctx.channel_multiple,
+            num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio=ratio)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"prune: Torch-Pruning cannot trace the model's graph ({first_line(exc, 200)}); "
+                         "add the module it names to prune.ignored_layers") from None
+
+
+def _finetune(model: nn.Module, data: Dataset, finetune: FinetuneConfig, ctx: StageContext, label: str) -> list:
+    objective = finetune_objective(ctx, data, finetune, distill=finetune.distill, distillation=finetune.distillation)
+    return fit(model, data, finetune, ctx, label=label, objective=objective)
+
+
+def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, ctx: StageContext) -> dict:
+    """Per-group ratios for the latency budget, measured on its device; writes search.json into the stage folder
+    and returns the stage row's summary (layer_ratios: what to prune)."""
+    budget, probe, start = cfg.latency, ctx.latency_probe, time.time()
+    if probe is None:
+        raise ModelError("prune.latency needs the run's device measurement; run it through edgesmith run")
+    batches = [xs for xs, _ in itertools.islice(data.batches(data.train, _CALIBRATION_BATCH), _CALIBRATION_BATCHES)]
+    with torch.no_grad():
+        reference = [output_tensors(model.eval()(*xs)) for xs in batches]
+    distillation = cfg.finetune.distillation if cfg.finetune else DistillConfig()
+
+    def build(ratios: dict[str, float]) -> nn.Module:
+        pruned = copy.deepcopy(model)
+        if ratios:
+            if cfg.importance == "taylor":
+                _accumulate_gradients(pruned, data)
+            _pruner(pruned, example, cfg, ctx, ratio=0.0, layer_ratios=ratios, num_heads={},
+                    global_pruning=False).step()
+            pruned.zero_grad(set_to_none=True)
+        return pruned.eval()
+
+    def damage(pruned: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.stack([distillation_loss(output_tensors(pruned(*xs)), target, distillation)
+                                      for xs, target in zip(batches, reference)]).mean())
+
+    def accuracy(pruned: nn.Module) -> float | None:
+        return torch_accuracy(pruned, data, ctx.eval_batch_size, ctx.metric)
+
+    round_to = cfg.round_to or ctx.channel_multiple
+    groups = _prunable_groups(model, example, cfg, ctx, round_to)
+    fingerprint = hashlib.sha256(f"{model!r}|{[s.to_dict() for s in ctx.specs]}|{round_to}".encode()).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="edgesmith-latency-") as work:
+        search = LatencySearch(groups=groups, probe=probe, specs=ctx.specs, build=build,
+                               damage=damage, accuracy=accuracy, work=Path(work), fingerprint=fingerprint,
+                               calibration=[feeds(xs, ctx.specs) for xs in batches])
+        batch = probe.bench.batch_size
+        if budget.minimise:
+            found = _minimise(search, budget, model, data, ctx, cfg.finetune, build, accuracy)
+        else:
+            budget_of = functools.partial(budget.budget_ms, batch_size=batch)
+            tables = search.tables(budget_of)
+            trace, chosen, final = search.search(tables, budget_of, budget.iterations)
+            found = {"tables": tables, "trace": trace, "chosen": chosen, "final": final}
+    return _search_record(cfg, probe, search, found, ctx, start)
+
+
+def _prunable_groups(model: nn.Module, example, cfg: PruneStage, ctx: StageContext, round_to: int) -> list[Group]:
+    """The dependency groups the search sizes: every group Torch-Pruning would prune, but attention projections
+    (a latency budget searches channel widths; heads stay) and groups no level changes once rounded."""
+    pruner = _pruner(model, example, cfg, ctx, ratio=0.0, layer_ratios={}, num_heads={}, global_pruning=False)
+    names = {m: n for n, m in model.named_modules()}
+    projections = {id(p) for m in _attention_modules(model) for p in _projections(m)}
+    found = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        if any(id(dep.target.module) in projections for dep, _ in group):
+            continue
+        root = group[0].dep.target.module
+        group = group_levels(names.get(root, ""), pruner.DG.get_out_channels(root), cfg.latency.levels, round_to)
+        if root in names and group is not None:
+            found.append(group)
+    if not found:
+        raise ModelError("prune.latency: the model has no channel group to prune (all ignored, attention, or "
+                         "narrower than round_to)")
+    return found
+
+
+def _minimise(search: LatencySearch, budget: LatencyBudget, model: nn.Module, data: Dataset, ctx: StageContext,
+              finetune: FinetuneConfig | None, build, accuracy) -> dict:
+    """The fastest model within budget.max_accuracy_drop: a bisection over the latency (as a fraction of the
+    unpruned model's), each step a latency-budget search whose result is fine-tuned briefly (search_epochs) and
+    scored with the task metric."""
+    reference = accuracy(model)
+    if reference is None:
+        raise ModelError("prune.latency.minimise scores each candidate with the task metric, and this data has none "
+                         "(no class labels, no metric.fn); give a latency budget (p50_ms, fps or speedup) instead")
+    tables = search.tables(None)
+    low, high = tables.most_pruned_ms / tables.unpruned_ms, 1.0
+    steps, best = [], None
+    for step in range(1, budget.minimise_steps + 1):
+        fraction = (low + high) / 2
+        try:
+            trace, chosen, final = search.search(tables, lambda unpruned, f=fraction: unpruned * f, budget.iterations)
+        except BudgetError as exc:   # timing noise at the fast end: treat as too fast to reach
+            steps.append({"fraction": fraction, "error": str(exc)})
+            low = fraction
+            continue
+        candidate = build(chosen.ratios)
+        if finetune:
+            _finetune(candidate, data, finetune.model_copy(update={"epochs": budget.search_epochs}), ctx,
+                      f"prune search {step}/{budget.minimise_steps}")
+        score = accuracy(candidate)
+        within = reference - score <= ctx.max_accuracy_drop
+        steps.append({"fraction": fraction, "layer_ratios": chosen.ratios, "measured_ms": final["measured_p50_ms"],
+                      "accuracy": score, "within_accuracy_budget": within, "candidates": trace_record(trace)})
+        info(f"  minimise {step}/{budget.minimise_steps}: {final['measured_p50_ms']:.3g} ms, accuracy {score:.4g} "
+             f"({'within' if within else 'beyond'} the {ctx.max_accuracy_drop} point budget)")
+        high, low, best = (fraction, low, (trace, chosen, final)) if within else (high, fraction, best)
+    record = {"reference_accuracy": reference, "max_accuracy_drop": ctx.max_accuracy_drop, "steps": steps}
+    if best is None:
+        warn("prune.latency.minimise: no pruned model stayed within budget.max_accuracy_drop; the model is kept "
+             "unpruned")
+        return {"tables": tables, "trace": [], "chosen": None, "final": None, "minimise": record}
+    trace, chosen, final = best
+    return {"tables": tables, "trace": trace, "chosen": chosen, "final": final, "minimise": record}
+
+
+def _search_record(cfg: PruneStage, probe, search: LatencySearch, found: dict, ctx: StageContext,
+                   start: float) -> dict:
+    """The stage row's summary of the search (also in search.json, with the tables)."""
+    chosen, trace = found["chosen"], found["trace"]
+    summary = {
+        "target": cfg.latency.target, "backend": probe.backend, "precision": probe.precision,
+        "batch": probe.bench.batch_size, "measured_on": probe.device_key()["device"],
+        "budget": cfg.latency.model_dump(include={"p50_ms", "fps", "speedup", "minimise"}, exclude_none=True),
+        **(found["final"] or {}), "layer_ratios": dict(chosen.ratios) if chosen else {},
+        "search": {"file": SEARCH_FILE, "seconds": round(time.time() - start, 1), "groups": len(search.groups),
+                   "levels": cfg.latency.levels, "table_cached": search.table_cached,
+                   "measurements": search.measurements, "candidates": len(trace)},
+        "trace": trace_record(trace)}
+    if ctx.out_dir is not None:
+        atomic_write_json(ctx.out_dir / SEARCH_FILE, {
+            **summary, "groups": [dataclasses.asdict(g) for g in search.groups],
+            "tables": dataclasses.asdict(found["tables"]), "minimise": found.get("minimise")})
+    return summary
 
 
 def _importance(name: str):

@@ -44,28 +44,37 @@ def run(cfg: PTQStage, model, data: Dataset, ctx: StageContext) -> StageResult:
     if data.name == "synthetic":   # random inputs set the ranges: real activations may be clipped
         warn(f"ptq ({scheme}): calibrating on synthetic data; the INT8 model's fidelity on real inputs is unknown. "
              "Give data (image_folder, npz or a data.factory) for a calibration that matches use")
+    extra = {"CalibPercentile": cfg.percentile} if cfg.calibration == "percentile" else {}
+    excluded = quantize_file(fp32_onnx, out_path, scheme, _Calibration(data, ctx, cfg.calibration_samples),
+                             calibration=cfg.calibration, op_types=_op_types(cfg, model), extra_options=extra)
+    check_scheme(out_path, scheme)
+    return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration, "float_nodes": excluded,
+                              "calibration_samples": cfg.calibration_samples})
+
+
+def quantize_file(fp32_onnx: Path, out_path: Path, scheme: str, calibration_data, *, calibration: str = "minmax",
+                  op_types: list[str] | None = None, extra_options: dict | None = None) -> int:
+    """ONNX Runtime's static quantization of an FP32 ONNX file into the scheme's Q/DQ form, calibrated on
+    `calibration_data` (ORT's CalibrationDataReader: `get_next()` gives input feeds, then None). Returns how many
+    nodes stay in float (see constant_operand_nodes)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[cfg.calibration]
+              "entropy": CalibrationMethod.Entropy}[calibration]
     activation, weight, extra = scheme_settings(scheme)
-    if cfg.calibration == "percentile":
-        extra["CalibPercentile"] = cfg.percentile
     with tempfile.TemporaryDirectory() as tmp, quiet("", hide_stderr=True):  # ORT's quantizer logs to the root logger
         prepared = _prepared(fp32_onnx, Path(tmp))
         excluded = constant_operand_nodes(prepared)
         try:
-            quantize_static(str(prepared), str(out_path), _Calibration(data, ctx, cfg.calibration_samples),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation,
-                            weight_type=weight, calibrate_method=method, extra_options=extra,
-                            nodes_to_exclude=excluded, op_types_to_quantize=_op_types(cfg, model),
+            quantize_static(str(prepared), str(out_path), calibration_data, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=activation, weight_type=weight,
+                            calibrate_method=method, extra_options={**extra, **(extra_options or {})},
+                            nodes_to_exclude=excluded, op_types_to_quantize=op_types,
                             calibration_cache_path=Path(tmp) / "calibration")
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ExportError(f"ptq: ONNX Runtime cannot quantize the model ({first_line(exc, 200)})") \
                 from None
-    check_scheme(out_path, scheme)
-    return StageResult(None, {"scheme": scheme, "calibration": cfg.calibration, "float_nodes": len(excluded),
-                              "calibration_samples": cfg.calibration_samples})
+    return len(excluded)
 
 
 def _op_types(cfg: PTQStage, model) -> list[str] | None:

@@ -104,3 +104,22 @@ def test_a_tensorrt_candidate_is_built_on_the_device_and_fails_there_with_the_bu
     assert "tensorrt Python package is not installed" in trt["status"]
     best = chosen(rows, "lab-gpu")
     assert (best["backend"], best["status"]) == ("onnxruntime", "chosen") and best["latency_ms"]["p50"] > 0
+
+
+@pytest.mark.slow
+def test_a_latency_budget_on_a_board_is_searched_with_timings_taken_on_the_board(lab_tracker, tmp_path):
+    """The lab machine is a board to edgesmith (its profile is no host profile): every candidate of the search goes
+    to it as a bundle through the tracker and is timed there."""
+    profiles = _profiles(tmp_path, **{"lab-x86": "lab-x86"})
+    latency = "{target: lab-x86, speedup: 1.1, backend: onnxruntime, levels: [0.5]}"
+    stages = (f"stages=[{{kind: train, epochs: 1}}, {{kind: prune, latency: {latency}, finetune: {{epochs: 1}}}}]")
+    proc = edgesmith(*profiles, "run", *[a for s in FAST for a in ("--set", s)], "--set", stages,
+                     "--set", "model.kwargs={width: 48}", "--set", "targets=[lab-x86]", "--set",
+                     "compile.precisions=[fp32]", "--set", f"compile.rpc_tracker={lab_tracker}", "--out",
+                     str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), check=True)
+    assert f"latency budget lab-x86 (onnxruntime/fp32, rpc {lab_tracker} key lab-x86): p50" in proc.stdout
+    prune = next(r for r in json.loads((tmp_path / "run/results.json").read_text()) if r["stage"] == "prune")
+    budget = prune["latency_budget"]
+    assert budget["measured_on"] == f"rpc {lab_tracker} key lab-x86"
+    assert budget["measured_p50_ms"] <= budget["budget_ms"] and budget["layer_ratios"]
+    assert budget["search"]["measurements"] >= 4 and all(c["measured_ms"] > 0 for c in budget["trace"])

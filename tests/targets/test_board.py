@@ -69,3 +69,20 @@ def test_candidates_measured_through_rpc_on_the_emulated_board_get_parity_but_ne
     manifest = json.loads((tmp_path / "run/bundles/raspberry-pi-4/manifest.json").read_text())
     assert manifest["parity"]["device"]["passed"] and manifest["latency_ms"] is None
     assert manifest["device"]["emulated"] == "qemu-aarch64-static"
+
+
+def test_a_latency_budget_on_the_emulated_board_stops_before_pruning_with_what_to_do(board_root, tmp_path):
+    def server(tracker):
+        return [sys.executable, "-m", "edgesmith", "board", "emulate", "aarch64", "--root", str(board_root),
+                "--rpc-tracker", tracker, "--rpc-key", "rpi4"]
+
+    with rpc_device("rpi4", server) as tracker:
+        proc = edgesmith("run", "--set", "data.name=digits", "--set", "stages=[{kind: train, epochs: 1}, {kind: prune, "
+                         "latency: {target: raspberry-pi-4, p50_ms: 1.0}}]", "--set", "targets=[raspberry-pi-4]",
+                         "--set", "bench.runs=5", "--set", f"compile.rpc_tracker={tracker}", "--out",
+                         str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "is emulated" in error and "not latency" in error and "register the real board" in error
+    rows = json.loads((tmp_path / "run/results.json").read_text())
+    assert [r["stage"] for r in rows] == ["train"]   # the finished training is kept
