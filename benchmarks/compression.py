@@ -35,9 +35,11 @@ class Target:
     max_drop: float | None      # accuracy points
 
 
-def pipeline_runs(runs: dict[str, list[str]], work: Path, cache: Path) -> dict[str, tuple[Path, list[dict]]]:
+def pipeline_runs(runs: dict[str, list[str]], work: Path, cache: Path, *, failures: dict[str, str] | None = None) \
+        -> dict[str, tuple[Path, list[dict]]]:
     """Runs the default recipe with each run's `--set` overrides as one `edgesmith batch` (jobs in parallel, sharing
-    the cache: a training several runs share is done once); returns each run's folder and results.json rows."""
+    the cache: a training several runs share is done once); returns each run's folder and results.json rows.
+    `failures`: where a failed job's reason goes (the others are returned); without it a failure ends the program."""
     batch = work / f"batch-{len(list(work.glob('batch-*')))}"
     batch.mkdir(parents=True)
     matrix = batch / "matrix.yaml"   # JSON is YAML
@@ -47,10 +49,13 @@ def pipeline_runs(runs: dict[str, list[str]], work: Path, cache: Path) -> dict[s
         print(f"· {name}: edgesmith run {' '.join(repr(s) for s in sets)}", flush=True)
     proc = subprocess.run([sys.executable, "-m", "edgesmith", "batch", str(matrix), "--out", str(batch),
                            "--cache-dir", str(cache), "--quiet"], capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and failures is None:
         sys.exit(f"edgesmith batch failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    if failures is not None:
+        failures.update({job["label"]: job["reason"] for job in json.loads((batch / "batch.json").read_text())["jobs"]
+                         if job["status"] == "failed"})
     return {name: (batch / "jobs" / name, json.loads((batch / "jobs" / name / "results.json").read_text()))
-            for name in runs}
+            for name in runs if name not in (failures or {})}
 
 
 def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[Path, list[dict]]:

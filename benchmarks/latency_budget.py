@@ -72,7 +72,13 @@ def compare(model: str, work: Path, cache: Path, quick: bool) -> dict:
         latency={"target": PROFILE, "speedup": round(1 / f, 4), "levels": LEVELS}, finetune=finetune))]
         for f in BUDGETS}
     print(f"\n{model}: latency-budget pruning at {', '.join(f'{f:.0%}' for f in BUDGETS)} of the FP32 p50", flush=True)
-    budgeted = pipeline_runs(budget_runs, work, cache)
+    failed: dict[str, str] = {}
+    budgeted = pipeline_runs(budget_runs, work, cache, failures=failed)
+    for label, reason in failed.items():
+        print(f"{label}: {reason}")
+    budgets = [f for f in BUDGETS if f"{model}-lb{int(f * 100)}" in budgeted]
+    if not budgets:
+        return {"failed": failed}
     grid = {f"{model}-u{int(r * 100)}": [*common, "targets=[]", stages(_prune(ratio=float(r)))]
             for r in UNIFORM_GRID}
     print(f"{model}: uniform ratios {UNIFORM_GRID[0]}–{UNIFORM_GRID[-1]} without fine-tuning, to match the latency",
@@ -81,21 +87,21 @@ def compare(model: str, work: Path, cache: Path, quick: bool) -> dict:
     files = {label: out / "stages/02-prune/onnx/model.onnx" for label, (out, _) in {**budgeted, **uniform_grid}.items()}
     p50 = side_by_side(files, batch=1, runs=100)
     matched = {}
-    for f in BUDGETS:
+    for f in budgets:
         label = f"{model}-lb{int(f * 100)}"
         uniform = min(grid, key=lambda u: abs(p50[u] - p50[label]))  # noqa: B023
         matched[f] = float(UNIFORM_GRID[list(grid).index(uniform)])
     tuned = pipeline_runs({f"{model}-uniform{int(f * 100)}": [*common, stages(_prune(ratio=matched[f],
                                                                                       finetune=finetune))]
-                           for f in BUDGETS}, work, cache)
-    return _table(model, budgeted, tuned, matched)
+                           for f in budgets}, work, cache)
+    return {**_table(model, budgeted, tuned, matched, budgets), "failed": failed}
 
 
-def _table(model: str, budgeted: dict, tuned: dict, matched: dict) -> dict:
+def _table(model: str, budgeted: dict, tuned: dict, matched: dict, budgets: list[float]) -> dict:
     first = next(iter(budgeted.values()))
     fp32 = first[0] / "stages/01-train/onnx/model.onnx"
     files = {"fp32": fp32}
-    for f in BUDGETS:
+    for f in budgets:
         files[f"latency budget {f:.0%}"] = budgeted[f"{model}-lb{int(f * 100)}"][0] / "stages/02-prune/onnx/model.onnx"
         files[f"uniform {f:.0%}"] = tuned[f"{model}-uniform{int(f * 100)}"][0] / "stages/02-prune/onnx/model.onnx"
     p50 = side_by_side(files, batch=1, runs=200)
@@ -105,7 +111,7 @@ def _table(model: str, budgeted: dict, tuned: dict, matched: dict) -> dict:
     print(f"{'model':<22}{'ratio':>14}{'p50 ms':>9}{'of fp32':>9}{'budget':>8}{'stage p50':>11}{'acc %':>8}"
           f"{'search s':>10}{'cands':>7}")
     print(f"{'fp32':<22}{'—':>14}{p50['fp32']:>9.3f}{1:>9.2f}{'':>8}{'':>11}{train_accuracy:>8.2f}")
-    for f in BUDGETS:
+    for f in budgets:
         lb_rows = budgeted[f"{model}-lb{int(f * 100)}"][1]
         lb = next(r for r in lb_rows if r["stage"] == "prune" and r["target"] is None)
         un = next(r for r in tuned[f"{model}-uniform{int(f * 100)}"][1] if r["stage"] == "prune"
@@ -162,8 +168,13 @@ def board(work: Path, cache: Path, quick: bool) -> dict:
 
 
 def summary(results: dict) -> None:
-    met = all(r["verdict"]["budget_met"] for k, r in results.items() if k != "board")
-    gains = [g for k, r in results.items() if k != "board" for g in r["verdict"]["gain_at_30"]]
+    models = {k: r for k, r in results.items() if k != "board"}
+    met = all(r.get("verdict", {}).get("budget_met", False) for r in models.values())
+    gains = [g for r in models.values() for g in r.get("verdict", {}).get("gain_at_30", [])]
+    for r in models.values():
+        for label, reason in r["failed"].items():
+            print(f"{label}: failed: {reason}")
+    met = met and not any(r["failed"] for r in models.values())
     print(f"\ntarget: every budget met as measured → {'PASS' if met else 'MISS'}")
     if gains:
         verdict = "PASS" if max(gains) >= MIN_GAIN_POINTS else "MISS"

@@ -38,7 +38,7 @@ from edgesmith.pipeline.versions import key_versions
 
 STEP = 0.002                # the knapsack's grid: 0.2 % steps of latency (in log ratio)
 MAX_SHARE = 0.95            # of the latency one group can scale (the rest is per-call overhead and other groups)
-SEARCH_VERSION = 2          # part of a latency-budget stage's cache key: a changed search re-runs it
+SEARCH_VERSION = 3          # part of a latency-budget stage's cache key: a changed search re-runs it
 CLOSE_ENOUGH = 0.95         # a candidate measuring within [95 %, 100 %] of the budget ends the search
 TABLE_FORMAT = 2
 # Interleaved rounds per measurement on this host (the median is kept): the table's many measurements average out
@@ -81,8 +81,21 @@ class Tables:
     most_pruned_ms: float
     latency_ms: dict[str, list[float]]      # group → p50 with only that group pruned, per level of the group
     damage: dict[str, list[float]] = field(default_factory=dict)   # group → distillation loss, per level
+    scale: float = 1.0                      # on every fitted share: see calibrate
 
-    def share(self, group: Group) -> float:
+    def calibrate(self, groups: list[Group]) -> None:
+        """Scales every group's share so that the model predicts what the most pruned model measured. Noise makes
+        the fitted shares of many small groups too large together (a share is never below 0, so noise only adds),
+        and the layers between two groups make them too small for a few wide ones; one measured point of the
+        whole model anchors their sum."""
+        most = {g.name: g.levels[-1] for g in groups}
+        low, high = 0.0, 20.0
+        for _ in range(60):   # predicted latency falls as the scale grows: bisection
+            self.scale = (low + high) / 2
+            low, high = (self.scale, high) if self.predicted_ms(most, groups) > self.most_pruned_ms else \
+                (low, self.scale)
+
+    def fitted_share(self, group: Group) -> float:
         """The fraction of the latency that scales with the group's width: a layer's cost is proportional to its
         input and output widths, so with one group pruned alone the latency is `1 − share × pruned fraction` of the
         unpruned model's. The median of the estimates its levels give: one group of mobilenet_v2's 25 moves the
@@ -92,6 +105,9 @@ class Tables:
         estimates = [(1 - ms / self.unpruned_ms) / (1 - kept / group.channels)
                      for ms, kept in zip(self.latency_ms[group.name], group.kept)]
         return min(max(statistics.median(estimates), 0.0), MAX_SHARE)
+
+    def share(self, group: Group) -> float:
+        return min(self.fitted_share(group) * self.scale, MAX_SHARE)
 
     def savings(self, group: Group) -> list[float]:
         """−log of the latency ratio at each of the group's levels. Groups' ratios multiply (their logs add): two
@@ -209,6 +225,7 @@ class LatencySearch:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(path):   # parallel jobs on one model and device: one measures, the others read its table
             tables = self._measured_or_cached(path, budget_of)
+        tables.calibrate(self.groups)
         tables.damage = self._damage_table()
         return tables
 

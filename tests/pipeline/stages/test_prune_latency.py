@@ -28,8 +28,8 @@ def _stages(latency: str) -> str:
             "finetune: {epochs: 1, distill: true}}]")
 
 
-def _tables(latency: dict[str, list[float]], damage: dict[str, list[float]], unpruned=10.0) -> Tables:
-    return Tables(unpruned, 1.0, latency, damage)
+def _tables(latency: dict[str, list[float]], damage: dict[str, list[float]], most_pruned: float) -> Tables:
+    return Tables(10.0, most_pruned, latency, damage)
 
 
 def _group(name, levels=(0.25, 0.5)):
@@ -41,8 +41,9 @@ def test_the_knapsack_takes_the_cheapest_accuracy_for_the_latency_it_must_save()
     # alone at 25 % / 50 % of its channels removed: a takes 10 ms to 8 / 6 (it scales 80 % of the latency), b to
     # 9.5 / 9 (20 %), c to 8.5 / 7 (60 %); a costs little accuracy, b much, c in between
     tables = _tables({"a": [8.0, 6.0], "b": [9.5, 9.0], "c": [8.5, 7.0]},
-                     {"a": [0.1, 0.3], "b": [0.5, 2.0], "c": [0.2, 0.9]})
-    assert [round(tables.share(g), 6) for g in groups] == [0.8, 0.2, 0.6]
+                     {"a": [0.1, 0.3], "b": [0.5, 2.0], "c": [0.2, 0.9]}, most_pruned=3.78)
+    tables.calibrate(groups)   # the most pruned model measured what the shares predict: they stay
+    assert tables.scale == pytest.approx(1.0) and [round(tables.share(g), 6) for g in groups] == [0.8, 0.2, 0.6]
     assert solve(groups, tables, 10.0) == {}                               # nothing to save
     assert solve(groups, tables, 8.0) == {"a": 0.25}
     # latency ratios multiply: a at 0.5 and c at 0.25 give 10 × 0.6 × 0.85 = 5.1 ms
@@ -59,9 +60,18 @@ def test_the_knapsack_takes_the_cheapest_accuracy_for_the_latency_it_must_save()
 def test_a_groups_share_of_the_latency_shrugs_off_one_wild_measurement():
     group = _group("g", (0.25, 0.5, 0.75))
     # it scales half the latency: 8.75, 7.5, 6.25 ms; one session ran 1.5× slow, another oddly fast
-    assert Tables(10.0, 1.0, {"g": [8.75, 11.25, 6.25]}).share(group) == pytest.approx(0.5)
-    assert Tables(10.0, 1.0, {"g": [8.75, 7.5, 1.0]}).share(group) == pytest.approx(0.5)
-    assert Tables(10.0, 1.0, {"g": [10.5, 10.2, 9.9]}).share(group) == 0.0   # noise around no effect: none
+    assert Tables(10.0, 1.0, {"g": [8.75, 11.25, 6.25]}).fitted_share(group) == pytest.approx(0.5)
+    assert Tables(10.0, 1.0, {"g": [8.75, 7.5, 1.0]}).fitted_share(group) == pytest.approx(0.5)
+    assert Tables(10.0, 1.0, {"g": [10.5, 10.2, 9.9]}).fitted_share(group) == 0.0   # noise around no effect: none
+
+
+def test_the_shares_are_scaled_to_what_the_most_pruned_model_measured():
+    groups = [_group(name) for name in "abcd"]
+    # four groups whose noisy shares (0.4 each) promise 10 × 0.8⁴ = 4.1 ms at their deepest level; it measured 6
+    tables = Tables(10.0, 6.0, {name: [9.0, 8.0] for name in "abcd"})
+    tables.calibrate(groups)
+    assert tables.scale < 1 and tables.predicted_ms({g.name: 0.5 for g in groups}, groups) == pytest.approx(6.0)
+    assert solve(groups, tables, 5.0) is None     # out of reach now, where the uncalibrated shares allowed it
 
 
 def _every_choice(groups):
