@@ -310,17 +310,22 @@ class LatencySearch:
         self.check_reachable(tables, budget)
         target, below, above = budget, None, None   # knapsack targets whose candidate was confirmed / over budget
         trace: list[Candidate] = []
-        previous = None
+        previous, last = None, None
         for iteration in range(1, iterations + 1):
-            ratios = solve(self.groups, tables, target)
-            ratios = self.most_pruned if ratios is None else ratios
-            if ratios == previous:
+            ratios = self._solution(tables, target)
+            if ratios == previous and last.confirmed:
                 break   # the target moved and the knapsack's answer did not: converged
+            while ratios == previous and ratios != self.most_pruned:   # over budget: ask for a little more
+                target *= 0.98
+                ratios = self._solution(tables, target)
+            if ratios == previous:
+                break   # even the most pruned model measured over budget
             previous = ratios
             candidate = next((c for c in trace if c.ratios == ratios), None)
             if candidate is None:
                 candidate = self._candidate(iteration, target, ratios, tables, budget_of)
                 trace.append(candidate)
+            last = candidate
             if candidate.within and candidate.final is None:
                 candidate.final = self.final(ratios, budget_of)
             info(f"  search {iteration}/{iterations}: target {target:.3g} ms → measured {candidate.measured_ms:.3g} "
@@ -342,8 +347,12 @@ class LatencySearch:
             return trace, best, best.final
         closest = min(trace, key=lambda c: c.measured_ms - c.budget_ms)
         raise BudgetError(f"prune.latency: no candidate measured within the budget on {self.probe.label} in "
-                          f"{len(trace)} tries (closest {closest.measured_ms:.3g} ms for {closest.budget_ms:.3g} ms); "
+                          f"{len(trace)} tries (closest {closest.measured_ms:.4g} ms for {closest.budget_ms:.4g} ms); "
                           "raise prune.latency.iterations or loosen the budget")
+
+    def _solution(self, tables: Tables, target: float) -> dict[str, float]:
+        ratios = solve(self.groups, tables, target)
+        return self.most_pruned if ratios is None else ratios
 
     def _unpruned(self, fast: bool) -> Path:
         if fast not in self._unpruned_files:
