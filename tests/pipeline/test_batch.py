@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from edgesmith.pipeline.batch import STATUS_FILE, start_ray, threads_for_step
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
 
@@ -122,6 +123,53 @@ def test_the_same_matrix_runs_as_ray_tasks_on_a_local_ray_instance(fleet):
     assert jobs["mnist_cnn-width10"]["status"] == "done" and "train" in jobs["mnist_cnn-width10"]["executed"]
     assert jobs["broken"]["status"] == "failed" and "weights server unreachable" in jobs["broken"]["reason"]
     assert len(pd.read_csv(out / "results.csv").query("model == 'mnist_cnn-width10'")) >= 3
+
+
+def test_a_step_takes_the_cores_that_finished_jobs_left_idle(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    for running in (1, 2, 3, 8):
+        for i in range(running):
+            (tmp_path / "jobs" / f"job{i}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "jobs" / f"job{i}" / STATUS_FILE).write_text("{}")
+        assert threads_for_step(tmp_path, 1) == max(1, cores // running)
+        assert threads_for_step(tmp_path, 4) >= 4   # never below the job's own share
+    for status in tmp_path.glob(f"jobs/*/{STATUS_FILE}"):
+        status.unlink()
+    assert threads_for_step(tmp_path, 1) == cores
+
+
+def test_a_local_ray_instance_refuses_a_driver_without_its_token(tmp_path):
+    """Ray's servers listen on every interface: the batch's own instance must demand its token."""
+    import ray
+
+    start_ray(None)
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        connect = f"import ray; ray.init(address={gcs!r}, logging_level='error'); print(ray.cluster_resources()['CPU'])"
+
+        def driver(**env):
+            return subprocess.run([sys.executable, "-c", connect], env={**os.environ, **env}, capture_output=True,
+                                  text=True, timeout=300)
+
+        without_token = driver(RAY_AUTH_MODE="disabled", HOME=str(tmp_path))
+        wrong_token = driver(RAY_AUTH_TOKEN="0" * 32)
+        with_token = driver()   # the token ray.init generated, in ~/.ray/auth_token
+    finally:
+        ray.shutdown()
+    assert with_token.returncode == 0 and float(with_token.stdout) > 0, with_token.stderr[-2000:]
+    for refused in (without_token, wrong_token):
+        assert refused.returncode != 0 and "Failed to connect" in refused.stderr, refused.stdout + refused.stderr
+
+
+def test_a_batch_refuses_to_start_a_local_ray_instance_without_authentication(tmp_path):
+    matrix = _batch_folder(tmp_path, [{"name": "mnist_cnn", "kwargs": {"width": 8}}])
+    proc = subprocess.run([sys.executable, "-m", "edgesmith", "batch", str(matrix), "--executor", "ray",
+                           "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "RAY_AUTH_MODE" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob("out/jobs/*/manifest.json"))   # no job ran
 
 
 def test_the_report_loads_in_headless_chromium_with_a_plot_per_device(fleet, tmp_path):

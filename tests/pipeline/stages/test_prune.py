@@ -136,3 +136,23 @@ def test_split_attention_computes_what_multihead_attention_does():
         expected = mha(x, memory, memory, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
         assert torch.allclose(split(x, memory, memory, key_padding_mask=padding, attn_mask=causal)[0], expected,
                               atol=1e-5)
+
+
+def test_pruning_reestimates_batchnorm_statistics_for_the_channels_left():
+    """Stale statistics would normalise the pruned model's activations with the unpruned model's moments."""
+    result, _, data = prune_model("resnet18", {"num_classes": 10, "image_size": 32})
+    model, seen = result.model, {}
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    hooks = [m.register_forward_hook(lambda m, inputs, _, name=name: seen.setdefault(name, []).append(inputs[0]))
+             for name, m in norms.items()]
+    with torch.no_grad():
+        for xs in prune._calibration_batches(data):
+            model(*xs)
+    for hook in hooks:
+        hook.remove()
+    for name, m in norms.items():
+        mean = torch.cat(seen[name]).mean(dim=(0, 2, 3))
+        # recalibration normalises with each batch's moments, this pass with the pooled ones: close, not equal,
+        # drifting with depth (measured: 4 % of the largest mean at layer4); stale would be the untrained zeros
+        assert (m.running_mean - mean).abs().max() < 0.1 * mean.abs().max(), name
+        assert m.momentum == 0.1 and not m.training   # put back as they were
