@@ -7,16 +7,14 @@ batch's end. Workers get the job (its recipe as plain data) and the folder paths
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,33 +24,13 @@ from rich.table import Table
 
 from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.pipeline import progress, report
+from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import render_report
 from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
-from edgesmith.pipeline.run_folders import claim_run_folder
 
-STATUS_FILE = "status.json"     # in a running job's folder: its current step (the live table reads it)
-LOG_FILE = "log.txt"            # a job's progress lines: a batch's terminal shows the table instead
-STOP_FILE = ".interrupted"      # in the batch folder after Ctrl-C: a worker handed one more job starts nothing
 _GB = 1 << 30
 _MEMORY_PER_JOB = 3 * _GB       # a training job's resident peak here is 1.5–2.5 GB (torch, ORT, the data)
-
-
-@dataclass
-class Outcome:
-    label: str
-    model: str
-    recipe: str
-    status: str                  # done | failed | interrupted
-    reason: str | None = None
-    failed_step: str | None = None
-    seconds: float = 0.0
-    rows: list[dict] = field(default_factory=list)      # the job's results.json
-    steps: list[dict] = field(default_factory=list)     # the job's manifest steps: kind, key, cached, build_seconds
-
-    @property
-    def executed(self) -> list[str]:
-        return [s["kind"] for s in self.steps if not s["cached"]]
 
 
 @dataclass
@@ -97,7 +75,7 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
         (out / "jobs" / job.label / STATUS_FILE).unlink(missing_ok=True)
     (out / STOP_FILE).unlink(missing_ok=True)
     parallel = cfg.max_parallel or default_parallel(len(jobs))
-    cpus = cfg.resources.cpus or max(1, _cores() // parallel)
+    cpus = cfg.resources.cpus or max(1, cores() // parallel)
     started = time.time()
     outcomes: dict[str, Outcome] = {}
     # jobs on this machine only (a cluster's workers are on others) and no CPU count declared for them
@@ -110,10 +88,10 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
             pool.run(jobs, args, outcomes, board.update)
     except KeyboardInterrupt:
         for job in jobs:
-            outcomes.setdefault(job.label, _unfinished(job, out, "interrupted", "stopped by Ctrl-C"))
+            outcomes.setdefault(job.label, unfinished(job, out, "interrupted", "stopped by Ctrl-C"))
         raise
     finally:
-        result = BatchResult(out, [outcomes.get(j.label) or _unfinished(j, out, "failed", "did not run")
+        result = BatchResult(out, [outcomes.get(j.label) or unfinished(j, out, "failed", "did not run")
                                    for j in jobs], cfg.kind, parallel, time.time() - started)
         write_results(result, matrix)
     return result
@@ -130,96 +108,7 @@ def _executor_config(matrix: Matrix, kind: str | None, address: str | None, para
 def default_parallel(jobs: int) -> int:
     """As many jobs as there are cores, and as fit the memory available now."""
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return max(1, min(jobs, _cores(), available // _MEMORY_PER_JOB))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-# ---------------------------------------------------------------------------------------------- the worker side
-
-def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: int, share_idle_cores: bool) \
-        -> Outcome:
-    """Runs one job in a pool process or a Ray worker: its progress goes to the job's log.txt, its current step to
-    status.json; any failure becomes the outcome (the job's finished steps stay cached and published).
-    `share_idle_cores`: each step takes the cores that jobs no longer running left idle (see threads_for_step)."""
-    import torch
-
-    from edgesmith.pipeline.run import run as run_pipeline
-
-    os.chdir(job.cwd)   # recipes' relative paths are relative to where the batch was started
-    torch.set_num_threads(threads)
-    folder = Path(out_dir) / "jobs" / job.label
-    if (Path(out_dir) / STOP_FILE).exists():
-        return _unfinished(job, Path(out_dir), "interrupted", "stopped by Ctrl-C before it started")
-    recipe = job.resolved()
-    claim_run_folder(folder, recipe, force=True)   # the batch owns its job folders: a changed job replaces its own
-    started = time.time()
-    step = {"label": None}
-
-    def on_step(label: str) -> None:
-        step["label"] = label
-        atomic_write_json(folder / STATUS_FILE, {"started": started, "step": label, "step_started": time.time()})
-        if share_idle_cores:
-            torch.set_num_threads(threads_for_step(Path(out_dir), threads))
-
-    status, reason = "done", None
-    with open(folder / LOG_FILE, "a") as log, _console_to(log):
-        log.write(f"— batch job {job.label}, {time.strftime('%Y-%m-%d %H:%M:%S')} —\n")
-        try:
-            run_pipeline(recipe, folder, Path(cache_dir), use_cache=use_cache, on_step=on_step)
-        except EdgesmithError as exc:
-            status, reason = "failed", first_line(exc, 600)
-        except KeyboardInterrupt:   # Ctrl-C reached the whole process group: no job may start after this one
-            status, reason = "interrupted", "stopped by Ctrl-C"
-            (Path(out_dir) / STOP_FILE).touch()
-        except Exception as exc:   # a bug of ours or the model's: its traceback is in the job's log
-            status, reason = "failed", f"{type(exc).__name__}: {first_line(exc)} (traceback in {folder / LOG_FILE})"
-            log.write(traceback.format_exc())
-    if status != "interrupted":   # kept to say where it stopped (the driver may not get this outcome)
-        (folder / STATUS_FILE).unlink(missing_ok=True)
-    return Outcome(job.label, job.model, job.recipe_name, status, reason,
-                   step["label"] if status != "done" else None, round(time.time() - started, 2),
-                   *_written(folder))
-
-
-def threads_for_step(out_dir: Path, threads: int) -> int:
-    """Torch threads for a step starting now: this machine's cores over the jobs running (those with a status
-    file), never fewer than the job's share. Without it a batch's last jobs run one core each while the cores of
-    the finished ones idle; a step already running keeps its threads, so the next step is where they go."""
-    running = sum(1 for _ in (out_dir / "jobs").glob(f"*/{STATUS_FILE}"))
-    return max(threads, _cores() // max(1, running))
-
-
-@contextlib.contextmanager
-def _console_to(handle):
-    """edgesmith's console writes to the job's log while the job runs (plain text: it is not a terminal)."""
-    console = progress.console
-    previous = console.file
-    console.file = handle
-    try:
-        yield
-    finally:
-        console.file = previous
-
-
-def _written(folder: Path) -> tuple[list[dict], list[dict]]:
-    """The rows and steps the job's run folder holds (written even when the run failed part-way)."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return manifest["metrics"], manifest["steps"]
-    except (OSError, ValueError, KeyError):
-        return [], []
-
-
-def _unfinished(job: Job, out: Path, status: str, reason: str) -> Outcome:
-    folder = out / "jobs" / job.label
-    try:
-        running = json.loads((folder / STATUS_FILE).read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        running = None
-    return Outcome(job.label, job.model, job.recipe_name, status, reason, running, 0.0, *_written(folder))
+    return max(1, min(jobs, cores(), available // _MEMORY_PER_JOB))
 
 
 # -------------------------------------------------------------------------------------------------- executors
@@ -253,7 +142,7 @@ class LocalExecutor:
                             except BrokenProcessPool:
                                 broken.append(job)
                             except Exception as exc:   # run_job reports failures itself: this is a bug of ours
-                                outcomes[job.label] = _unfinished(job, out_dir, "failed",
+                                outcomes[job.label] = unfinished(job, out_dir, "failed",
                                                                   f"{type(exc).__name__}: {first_line(exc)}")
                         update(outcomes)
                 except KeyboardInterrupt:
@@ -265,7 +154,7 @@ class LocalExecutor:
                 started = (out_dir / "jobs" / job.label / STATUS_FILE).exists()
                 crashes[job.label] += started
                 if crashes[job.label] >= 2:
-                    outcomes[job.label] = _unfinished(job, out_dir, "failed", "its worker process died twice "
+                    outcomes[job.label] = unfinished(job, out_dir, "failed", "its worker process died twice "
                                                       "(killed, out of memory, or a crash in a native library)")
                 else:
                     pending.append(job)
@@ -332,7 +221,7 @@ class RayExecutor:
                     try:
                         outcomes[job.label] = ray.get(ref)
                     except ray.exceptions.RayError as exc:   # the worker died or Ray lost it
-                        outcomes[job.label] = _unfinished(job, Path(args[0]), "failed", f"Ray: {first_line(exc)}")
+                        outcomes[job.label] = unfinished(job, Path(args[0]), "failed", f"Ray: {first_line(exc)}")
                 update(outcomes)
         except KeyboardInterrupt:
             for ref in running:

@@ -29,12 +29,11 @@ from edgesmith.pipeline.evaluate import feeds, model_size, top1_applies, torch_a
 from edgesmith.pipeline.latency_search import Group, LatencySearch, group_levels, trace_record
 from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import info, warn
-from edgesmith.pipeline.stages import StageContext, StageResult, stage
+from edgesmith.pipeline.stages import StageContext, StageResult, heads, stage
 from edgesmith.pipeline.stages.distill import distillation_loss, finetune_objective
-from edgesmith.pipeline.stages.layers import HEAD_COUNTS, ignored_modules, module_named
+from edgesmith.pipeline.stages.layers import ignored_modules, module_named
 from edgesmith.pipeline.stages.train import fit
 
-_HEAD_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 _TAYLOR_BATCHES = 4
 _CALIBRATION_BATCH, _CALIBRATION_BATCHES = 64, 4   # the latency search's damage and INT8 calibration inputs
 SEARCH_FILE = "search.json"
@@ -107,9 +106,9 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
     example = tuple(spec.example(2) for spec in ctx.specs)
     params_before, macs_before = model_size(model, ctx.specs)
     split = _split_multihead_attention(model, example)
-    heads_before = _head_counts(model)
-    attention = {m: _head_size(m) for m in _attention_modules(model)}   # the head size stays; the count shrinks
-    num_heads = {proj: _heads(m) for m in attention for proj in _projections(m)}
+    heads_before = heads.head_counts(model)
+    attention = {m: heads.head_size(m) for m in heads.attention_modules(model)}   # the size stays; the count shrinks
+    num_heads = {proj: heads.head_count(m) for m in attention for proj in heads.projections(m)}
     shapes_before = _output_shapes(model, example)
     calibration = _calibration_batches(data)
     searched = _latency_search(cfg, model, example, data, calibration, ctx) if cfg.latency else None
@@ -123,15 +122,15 @@ def run(cfg: PruneStage, model: nn.Module, data: Dataset, ctx: StageContext) -> 
         pruner.step()
         model.zero_grad(set_to_none=True)
         recalibrate_batchnorm(model, calibration)
-        for m, head_size in attention.items():  # head counts are plain Python state the graph does not update
-            _set_heads(m, _projections(m)[0].out_features // head_size)
+        for m, size in attention.items():   # head counts are plain Python state the graph does not update
+            heads.set_head_count(m, heads.projections(m)[0].out_features // size)
         _check_outputs_kept(model, example, shapes_before)
         if cfg.finetune:
             history += _finetune(model, data, cfg.finetune, ctx, f"prune finetune {step + 1}/{cfg.iterative_steps}")
     params, macs = model_size(model, ctx.specs)
     return StageResult(model.eval(), {
         "params_before": params_before, "macs_before": macs_before, "params_after": params, "macs_after": macs,
-        "heads_before": heads_before, "heads_after": _head_counts(model), "multihead_attention_split": split,
+        "heads_before": heads_before, "heads_after": heads.head_counts(model), "multihead_attention_split": split,
         "finetune_history": history, **({"latency_budget": searched} if searched else {})})
 
 
@@ -244,7 +243,7 @@ def _prunable_groups(model: nn.Module, example, cfg: PruneStage, ctx: StageConte
     (a latency budget searches channel widths; heads stay) and groups no level changes once rounded."""
     pruner = _pruner(model, example, cfg, ctx, ratio=0.0, layer_ratios={}, num_heads={}, global_pruning=False)
     names = {m: n for n, m in model.named_modules()}
-    projections = {id(p) for m in _attention_modules(model) for p in _projections(m)}
+    projections = {id(p) for m in heads.attention_modules(model) for p in heads.projections(m)}
     found = []
     for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types):
@@ -329,31 +328,6 @@ def _importance(name: str):
             "bn_scale": lambda: tp.importance.BNScaleImportance()}[name]()
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if _head_count_name(m) and _projections(m)]
-
-
-def _head_count_name(module: nn.Module) -> str | None:
-    return next((n for n in HEAD_COUNTS if isinstance(getattr(module, n, None), int)), None)
-
-
-def _heads(module: nn.Module) -> int:
-    return getattr(module, _head_count_name(module))
-
-
-def _head_size(module: nn.Module) -> int:
-    for name in ("head_dim", "attention_head_size"):
-        if isinstance(getattr(module, name, None), int):
-            return getattr(module, name)
-    return _projections(module)[0].out_features // _heads(module)
-
-
-def _set_heads(module: nn.Module, heads: int) -> None:
-    setattr(module, _head_count_name(module), heads)
-    if isinstance(getattr(module, "all_head_size", None), int):   # Hugging Face reshapes the context with it
-        module.all_head_size = _projections(module)[0].out_features
-
-
 def _split_multihead_attention(model: nn.Module, example) -> list[str]:
     """nn.MultiheadAttention packs q/k/v and can only narrow every head; its split form loses whole heads. The
     replacement must compute the same outputs, or it is refused."""
@@ -383,19 +357,6 @@ def _check_outputs_kept(model: nn.Module, example, before: list[tuple[int, ...]]
     if after != before:
         raise ModelError(f"prune: the outputs' shapes changed from {before} to {after}: a layer that shapes an output "
                          "was pruned; name it in prune.ignored_layers")
-
-
-def _projections(module: nn.Module) -> list[nn.Linear]:
-    for names in _HEAD_PROJECTIONS:
-        found = [getattr(module, n, None) for n in names]
-        if all(isinstance(f, nn.Linear) for f in found):
-            return found
-    return []
-
-
-def _head_counts(model: nn.Module) -> dict[str, int]:
-    attention = {id(m) for m in _attention_modules(model)}
-    return {name: _heads(m) for name, m in model.named_modules() if id(m) in attention}
 
 
 def _accumulate_gradients(model: nn.Module, data: Dataset) -> None:

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from edgesmith.pipeline.batch import STATUS_FILE, start_ray, threads_for_step
+from edgesmith.pipeline.batch import start_ray
+from edgesmith.pipeline.batch_job import STATUS_FILE, threads_for_step
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
 
