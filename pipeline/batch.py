@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from edgesmith.pipeline import progress, report
 from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import render_report
+from edgesmith.pipeline.job_order import JobQueue
 from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
 
 _GB = 1 << 30
@@ -118,46 +120,62 @@ Update = Callable[[dict], None]
 
 class LocalExecutor:
     """A process pool on this machine. Processes are started fresh (spawn: torch and fork do not mix) and reused
-    across jobs, so a warm batch pays the imports once per worker. A worker that dies (out of memory, a crash in a
-    native library) breaks the pool: the jobs that were running are tried once more in a new pool, the ones never
-    started are simply resubmitted."""
+    across jobs, so a warm batch pays the imports once per worker. Jobs are handed out as workers free, in the
+    queue's order (job_order.py). A worker that dies (out of memory, a crash in a native library) breaks the pool:
+    the jobs that were running are tried once more in a new pool."""
 
     def __init__(self, parallel: int):
         self.parallel = parallel
 
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
-        pending, crashes = list(jobs), {job.label: 0 for job in jobs}
-        out_dir = Path(args[0])
-        while pending:
-            broken = []
+        queue, crashes = JobQueue(jobs), Counter()
+        while queue:   # a new pool each time a worker died
             with ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(run_job, job, *args): job for job in pending}
                 try:
-                    while futures:
-                        done, _ = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            job = futures.pop(future)
-                            try:
-                                outcomes[job.label] = future.result()
-                            except BrokenProcessPool:
-                                broken.append(job)
-                            except Exception as exc:   # run_job reports failures itself: this is a bug of ours
-                                outcomes[job.label] = unfinished(job, out_dir, "failed",
-                                                                  f"{type(exc).__name__}: {first_line(exc)}")
-                        update(outcomes)
+                    self._until_done_or_broken(pool, queue, crashes, args, outcomes, update)
                 except KeyboardInterrupt:
-                    (out_dir / STOP_FILE).touch()   # before the workers finish unwinding the jobs they had
+                    (Path(args[0]) / STOP_FILE).touch()   # before the workers finish unwinding the jobs they had
                     _stop(pool)
                     raise
-            pending = []
-            for job in broken:
-                started = (out_dir / "jobs" / job.label / STATUS_FILE).exists()
-                crashes[job.label] += started
-                if crashes[job.label] >= 2:
-                    outcomes[job.label] = unfinished(job, out_dir, "failed", "its worker process died twice "
-                                                      "(killed, out of memory, or a crash in a native library)")
-                else:
-                    pending.append(job)
+
+    def _until_done_or_broken(self, pool: ProcessPoolExecutor, queue: JobQueue, crashes: Counter, args: tuple,
+                              outcomes: dict[str, Outcome], update: Update) -> None:
+        """Hands out jobs as workers free (the queue picks which) until none is left, or the pool broke and the
+        jobs it was running came back."""
+        out_dir, running, broken = Path(args[0]), {}, False
+        while (queue and not broken) or running:
+            while queue and not broken and len(running) < self.parallel:
+                job = queue.take()
+                try:
+                    running[pool.submit(run_job, job, *args)] = job
+                except BrokenProcessPool:   # a worker died since the last results came back
+                    queue.retry(job)
+                    broken = True
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    outcomes[job.label] = future.result()
+                    queue.done(job)
+                except BrokenProcessPool:
+                    broken = True
+                    self._retry_or_fail(job, queue, crashes, out_dir, outcomes)
+                except Exception as exc:   # run_job reports failures itself: this is a bug of ours
+                    queue.done(job)
+                    outcomes[job.label] = unfinished(job, out_dir, "failed", f"{type(exc).__name__}: {first_line(exc)}")
+            update(outcomes)
+
+    @staticmethod
+    def _retry_or_fail(job: Job, queue: JobQueue, crashes: Counter, out_dir: Path,
+                       outcomes: dict[str, Outcome]) -> None:
+        """A job whose worker died (or was running when one did) is tried once more in a new pool."""
+        crashes[job.label] += (out_dir / "jobs" / job.label / STATUS_FILE).exists()
+        if crashes[job.label] >= 2:
+            queue.done(job)
+            outcomes[job.label] = unfinished(job, out_dir, "failed", "its worker process died twice (killed, out "
+                                              "of memory, or a crash in a native library)")
+        else:
+            queue.retry(job)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -209,15 +227,16 @@ class RayExecutor:
             with progress.quiet("ray", hide_stderr=True):
                 start_ray(self.cfg.address)
         task = ray.remote(run_job).options(num_cpus=self.cpus, num_gpus=self.cfg.resources.gpus, max_retries=0)
-        queue, running = list(jobs), {}
+        queue, running = JobQueue(jobs), {}
         try:
             while queue or running:
                 while queue and len(running) < self.parallel:   # submitted as slots free: --max-parallel holds
-                    job = queue.pop(0)
+                    job = queue.take()
                     running[task.remote(job, *args)] = job
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 for ref in ready:
                     job = running.pop(ref)
+                    queue.done(job)
                     try:
                         outcomes[job.label] = ray.get(ref)
                     except ray.exceptions.RayError as exc:   # the worker died or Ray lost it

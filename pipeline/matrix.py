@@ -92,8 +92,8 @@ def load_matrix(path: Path) -> Matrix:
 
 
 def expand(matrix: Matrix, matrix_file: Path, only: str | None = None, cwd: Path | None = None) -> list[Job]:
-    """The jobs, every one validated. Ordered recipe by recipe, each over every model, so parallel workers start on
-    different models rather than queueing behind one shared training step."""
+    """The jobs, every one validated, recipe by recipe, each over every model (results keep this order; the order
+    they start in is job_order.py's)."""
     base = Path(matrix_file).parent
     cwd = Path(cwd or os.getcwd())
     recipes = [(path, _recipe_mapping(base, path)) for path in matrix.recipe_files]
