@@ -7,17 +7,18 @@ batch's end. Workers get the job (its recipe as plain data) and the folder paths
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from rich import box
 from rich.live import Live
@@ -25,7 +26,7 @@ from rich.table import Table
 
 from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.pipeline import progress, report
-from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished
+from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished, warm_up
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import render_report
 from edgesmith.pipeline.job_order import JobQueue
@@ -128,9 +129,14 @@ class LocalExecutor:
         self.parallel = parallel
 
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
-        queue, crashes = JobQueue(jobs), Counter()
-        while queue:   # a new pool each time a worker died
-            with ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        queue, crashes = None, Counter()
+        while queue is None or queue:   # a new pool each time a worker died
+            with _native_thread_pools(args[3]), \
+                    ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+                if queue is None:   # the workers start and import while the driver orders the jobs (~1 s each)
+                    for _ in range(self.parallel):
+                        pool.submit(warm_up)
+                    queue = JobQueue(jobs)
                 try:
                     self._until_done_or_broken(pool, queue, crashes, args, outcomes, update)
                 except KeyboardInterrupt:
@@ -178,6 +184,24 @@ class LocalExecutor:
             queue.retry(job)
 
 
+@contextlib.contextmanager
+def _native_thread_pools(threads: int) -> Iterator[None]:
+    """Workers spawned inside size their OpenMP and BLAS thread pools to the job's share of the cores, as Ray does
+    for a task's num_cpus: read once, when numpy and torch load, so set in the environment the workers inherit.
+    Otherwise each worker's numpy (ONNX quantization's calibration, parity checks) starts a thread per core and the
+    workers fight over them. Torch's threads are set per step (batch_job.threads_for_step); ONNX Runtime and TVM
+    timings take their own counts."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names if name not in os.environ})   # a user's setting wins
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Ctrl-C reached the workers too (one process group); those still busy after a grace period are ended.
     Their locks go with them and their half-built steps are swept by the next run."""
@@ -223,11 +247,13 @@ class RayExecutor:
         import ray
 
         started_here = not ray.is_initialized()
-        if started_here:
-            with progress.quiet("ray", hide_stderr=True):
-                start_ray(self.cfg.address)
+        with ThreadPoolExecutor(1) as thread:
+            ordering = thread.submit(JobQueue, jobs)   # while Ray starts (3 s here)
+            if started_here:
+                with progress.quiet("ray", hide_stderr=True):
+                    start_ray(self.cfg.address)
+            queue, running = ordering.result(), {}
         task = ray.remote(run_job).options(num_cpus=self.cpus, num_gpus=self.cfg.resources.gpus, max_retries=0)
-        queue, running = JobQueue(jobs), {}
         try:
             while queue or running:
                 while queue and len(running) < self.parallel:   # submitted as slots free: --max-parallel holds

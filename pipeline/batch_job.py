@@ -88,6 +88,11 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
                    *_written(folder))
 
 
+def warm_up() -> None:
+    """A new worker's first task: the imports every job needs, done while the driver is still busy."""
+    import edgesmith.pipeline.run  # noqa: F401
+
+
 def threads_for_step(out_dir: Path, threads: int) -> int:
     """Torch threads for a step starting now: this machine's cores over the jobs running (those with a status
     file), never fewer than the job's share. Without it a batch's last jobs run one core each while the cores of

@@ -6,7 +6,7 @@ first. And a job is not started while another job of the same model runs: they s
 training), so it would wait on the other's lock with its core idle; another model's job goes first instead.
 
 A job's length is not known before it runs. Its model's weight is estimated on PyTorch's meta device (no memory,
-no weights, milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per operator call, because
+no weights, milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module call, because
 small models on a CPU are bound by per-call overhead, not arithmetic (mobilenet_v2 at 28 px does 7× fewer FLOPs
 than mnist_cnn and takes twice as long to train here). Only registry models are estimated: a user's factory is
 not run in the batch's driver; its jobs are taken as the heaviest (started first), in matrix order.
@@ -17,14 +17,13 @@ import math
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn as nn
 
 from edgesmith import models
 from edgesmith.models import input_spec_of
 from edgesmith.pipeline.matrix import Job
 
-OPERATOR_CALL_FLOPS = 5e5    # one operator call's fixed cost (~10 µs) in FLOPs at ~50 GFLOP/s on one core
+MODULE_CALL_FLOPS = 5e5    # one module call's fixed cost (~10 µs, forward and backward) in FLOPs at ~50 GFLOP/s
 
 
 def start_order(jobs: list[Job]) -> list[Job]:
@@ -41,30 +40,33 @@ def start_order(jobs: list[Job]) -> list[Job]:
 
 
 def model_weight(model_section: dict) -> float:
-    """The estimated cost of one forward pass of a recipe's model; infinite where it cannot be estimated."""
+    """The estimated cost of one forward pass of a recipe's model; infinite where it cannot be estimated. Counted
+    with forward hooks (convolutions' and linear layers' FLOPs, every leaf module's call): torch's FlopCounterMode
+    would import torch._dynamo in the driver, 1.3 s before any job starts."""
     if model_section.get("name") is None:
         return math.inf
+    flops, calls = 0, 0
+
+    def count(module: nn.Module, _inputs, output) -> None:
+        nonlocal flops, calls
+        calls += 1
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(output, torch.Tensor):
+            flops += 2 * output.numel() * module.weight[0].numel()   # per output value: in/groups × kernel MACs
+
     try:
         with torch.device("meta"):
             model = models.create(model_section["name"], **model_section.get("kwargs", {})).eval()
         specs = model_section.get("inputs") or [s.to_dict() for s in input_spec_of(model) or ()]
         inputs = [torch.zeros(s["shape"], dtype=getattr(torch, s.get("dtype", "float32")), device="meta")
                   for s in specs]
-        with FlopCounterMode(display=False) as flops, _OperatorCalls() as calls, torch.no_grad():
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                module.register_forward_hook(count)
+        with torch.no_grad():
             model(*inputs)
     except Exception:   # a model the meta device cannot run (data-dependent shapes): no estimate, started early
         return math.inf
-    return flops.get_total_flops() + calls.count * OPERATOR_CALL_FLOPS
-
-
-class _OperatorCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    return flops + calls * MODULE_CALL_FLOPS
 
 
 class JobQueue:

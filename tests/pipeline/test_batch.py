@@ -1,6 +1,7 @@
 """Batch runs through the CLI as a user runs them: a local process pool and a local Ray instance, one shared cache,
 failures as rows, resumption, results.csv read by pandas, and report.html loaded in a real headless chromium."""
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -8,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from edgesmith.pipeline.batch import start_ray
+from edgesmith.pipeline.batch import _native_thread_pools, start_ray
 from edgesmith.pipeline.batch_job import STATUS_FILE, threads_for_step
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
@@ -137,6 +139,27 @@ def test_a_step_takes_the_cores_that_finished_jobs_left_idle(tmp_path):
     for status in tmp_path.glob(f"jobs/*/{STATUS_FILE}"):
         status.unlink()
     assert threads_for_step(tmp_path, 1) == cores
+
+
+def _native_threads_in_a_spawned_worker() -> list[int]:
+    import numpy  # noqa: F401  (its BLAS sizes its pool when loaded)
+    import threadpoolctl
+    import torch  # noqa: F401  (its OpenMP likewise)
+
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
+
+
+def test_pool_workers_size_their_openmp_and_blas_pools_to_the_jobs_share(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    spawn = multiprocessing.get_context("spawn")
+    with _native_thread_pools(1), ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        shared = pool.submit(_native_threads_in_a_spawned_worker).result()
+    assert shared and set(shared) == {1}, shared
+    assert "OMP_NUM_THREADS" not in os.environ   # the driver's own environment is left as it was
+    if len(os.sched_getaffinity(0)) > 1:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            assert max(pool.submit(_native_threads_in_a_spawned_worker).result()) > 1
 
 
 def test_a_local_ray_instance_refuses_a_driver_without_its_token(tmp_path):
