@@ -133,10 +133,12 @@ def check_classes(logits: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def model_size(model: nn.Module, specs: tuple[InputSpec, ...]) -> tuple[int, int]:
-    """(parameters, multiply-accumulates for one sample), counted by Torch-Pruning's op counter."""
+    """(parameters, multiply-accumulates for one sample), counted by Torch-Pruning's op counter. A model on the
+    meta device (no weights) is counted with meta inputs."""
     import torch_pruning as tp
 
-    example = tuple(spec.example(1) for spec in specs)
+    device = next(model.parameters(), torch.empty(0)).device
+    example = tuple(spec.example(1).to(device) for spec in specs)
     macs, params = tp.utils.count_ops_and_params(model.eval(), example[0] if len(example) == 1 else example)
     return int(params), int(macs)
 

@@ -6,7 +6,8 @@ first. And a job is not started while another job of the same model runs: they s
 training), so it would wait on the other's lock with its core idle; another model's job goes first instead.
 
 A job's length is not known before it runs. Its model's weight is estimated on PyTorch's meta device (no memory,
-no weights, milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module call, because
+no weights; ~1 s the first time, when meta BatchNorm imports torch._dynamo, so executors do it while workers start,
+then milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module, because
 small models on a CPU are bound by per-call overhead, not arithmetic (mobilenet_v2 at 28 px does 7× fewer FLOPs
 than mnist_cnn and takes twice as long to train here). Only registry models are estimated: a user's factory is
 not run in the batch's driver; its jobs are taken as the heaviest (started first), in matrix order.
@@ -17,13 +18,14 @@ import math
 from collections import Counter
 
 import torch
-import torch.nn as nn
 
 from edgesmith import models
 from edgesmith.models import input_spec_of
+from edgesmith.pipeline.config import ModelConfig
+from edgesmith.pipeline.evaluate import model_size
 from edgesmith.pipeline.matrix import Job
 
-MODULE_CALL_FLOPS = 5e5    # one module call's fixed cost (~10 µs, forward and backward) in FLOPs at ~50 GFLOP/s
+MODULE_CALL_FLOPS = 5e5    # one module's fixed cost per call (~10 µs, forward and backward) in FLOPs at ~50 GFLOP/s
 
 
 def start_order(jobs: list[Job]) -> list[Job]:
@@ -40,33 +42,19 @@ def start_order(jobs: list[Job]) -> list[Job]:
 
 
 def model_weight(model_section: dict) -> float:
-    """The estimated cost of one forward pass of a recipe's model; infinite where it cannot be estimated. Counted
-    with forward hooks (convolutions' and linear layers' FLOPs, every leaf module's call): torch's FlopCounterMode
-    would import torch._dynamo in the driver, 1.3 s before any job starts."""
+    """The estimated cost of one forward pass of a recipe's model: twice its MACs (Torch-Pruning's count, as in
+    results' `macs`) plus a fixed cost per leaf module; infinite where it cannot be estimated."""
     if model_section.get("name") is None:
         return math.inf
-    flops, calls = 0, 0
-
-    def count(module: nn.Module, _inputs, output) -> None:
-        nonlocal flops, calls
-        calls += 1
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(output, torch.Tensor):
-            flops += 2 * output.numel() * module.weight[0].numel()   # per output value: in/groups × kernel MACs
-
     try:
+        cfg = ModelConfig.model_validate(model_section)
         with torch.device("meta"):
-            model = models.create(model_section["name"], **model_section.get("kwargs", {})).eval()
-        specs = model_section.get("inputs") or [s.to_dict() for s in input_spec_of(model) or ()]
-        inputs = [torch.zeros(s["shape"], dtype=getattr(torch, s.get("dtype", "float32")), device="meta")
-                  for s in specs]
-        for module in model.modules():
-            if next(module.children(), None) is None:
-                module.register_forward_hook(count)
-        with torch.no_grad():
-            model(*inputs)
+            model = models.create(cfg.name, **cfg.kwargs).eval()
+        _, macs = model_size(model, tuple(cfg.inputs) if cfg.inputs else input_spec_of(model))
     except Exception:   # a model the meta device cannot run (data-dependent shapes): no estimate, started early
         return math.inf
-    return flops + calls * MODULE_CALL_FLOPS
+    leaves = sum(1 for module in model.modules() if next(module.children(), None) is None)
+    return 2 * macs + leaves * MODULE_CALL_FLOPS
 
 
 class JobQueue:
