@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,10 +133,8 @@ class LocalExecutor:
         while queue is None or queue:   # a new pool each time a worker died
             with _native_thread_pools(args[3]), \
                     ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-                if queue is None:   # the workers start and import while the driver orders the jobs (~1 s each)
-                    for _ in range(self.parallel):
-                        pool.submit(warm_up)
-                    queue = JobQueue(jobs)
+                if queue is None:   # the order comes from the first worker to start (its imports and weights)
+                    queue = _ordered_by_a_worker(pool, jobs, self.parallel)
                 try:
                     self._until_done_or_broken(pool, queue, crashes, args, outcomes, update)
                 except KeyboardInterrupt:
@@ -182,6 +180,16 @@ class LocalExecutor:
                                               "of memory, or a crash in a native library)")
         else:
             queue.retry(job)
+
+
+def _ordered_by_a_worker(pool: ProcessPoolExecutor, jobs: list[Job], parallel: int) -> JobQueue:
+    """Every worker starts with warm_up; the first to finish gives the jobs' weights (the driver orders them
+    itself if it cannot)."""
+    warming = [pool.submit(warm_up, jobs) for _ in range(parallel)]
+    try:
+        return JobQueue(jobs, next(as_completed(warming)).result())
+    except BrokenProcessPool:
+        return JobQueue(jobs)
 
 
 @contextlib.contextmanager

@@ -88,9 +88,13 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
                    *_written(folder))
 
 
-def warm_up() -> None:
-    """A new worker's first task: the imports every job needs, done while the driver is still busy."""
+def warm_up(jobs: list[Job]) -> dict[str, float]:
+    """A new worker's first task: the imports every job needs, and the jobs' model weights (job_order.py), which
+    cost a worker nothing its first job's training would not import anyway but the driver 1.5 s of a core."""
     import edgesmith.pipeline.run  # noqa: F401
+    from edgesmith.pipeline.job_order import model_weights
+
+    return model_weights(jobs)
 
 
 def threads_for_step(out_dir: Path, threads: int) -> int:

@@ -141,8 +141,8 @@ class Store:
                 yield tmp
                 sidecar.setdefault("kind", kind)
                 sidecar["key"] = key
-                sidecar["seconds"] = round(time.time() - started, 3)
                 sidecar["files"] = {p.name: file_record(p) for p in sorted(tmp.iterdir())}
+                sidecar["seconds"] = round(time.time() - started, 3)   # hashing its files is part of building it
                 atomic_write_json(tmp / SIDECAR, sidecar)
             shutil.rmtree(final, ignore_errors=True)   # a corrupt entry discarded meanwhile, or --no-cache
             os.rename(tmp, final)

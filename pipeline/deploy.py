@@ -15,7 +15,7 @@ from typing import Callable
 from edgesmith.benchmarks.harness import summarize
 from edgesmith.errors import first_line
 from edgesmith.pipeline import bundle
-from edgesmith.pipeline.bench import compile_for, time_runner
+from edgesmith.pipeline.bench import compile_for, host_latency, time_runner
 from edgesmith.pipeline.config import BenchConfig, CompileConfig
 from edgesmith.pipeline.context import ONNX_FILE, RunContext
 from edgesmith.pipeline.evaluate import feeds
@@ -270,6 +270,8 @@ def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_he
     cfg = ctx.recipe.compile
     limits = tolerance(cfg, candidate.precision, top1=ctx.reference.facts["top1"])
     measure_here = runs_here and profile.is_host
+    timed = host_latency_step(ctx, candidate.source) if measure_here and _runs_as_host_latency(profile, candidate) \
+        else None
     specs = ctx.specs(candidate.source)
 
     def build(tmp: Path) -> Built:
@@ -286,14 +288,36 @@ def _check_step(ctx: RunContext, profile: Profile, candidate: Candidate, runs_he
             parity = {**compare(outputs, reference, limits), "fidelity": fidelity(outputs, original)}
             if measure_here and parity["passed"]:
                 metrics = Metrics(latency_ms=time_runner(runner, specs, ctx.recipe.bench).to_dict(),
-                                  measured_on=host_description())
+                                  measured_on=host_description()) if timed is None else \
+                    Metrics(latency_ms=timed.metrics.latency_ms, measured_on=timed.metrics.measured_on)
         return Built(metrics, {"parity": parity, "tolerance": limits})
 
     return ctx.steps.run("check", f"check {profile.name} {candidate.label}", {
         "compiled": candidate.compiled.key, "data": ctx.data_key(), "samples": cfg.parity_samples,
-        "reference": ctx.reference.key,
-        "tolerance": limits, "bench": ctx.recipe.bench.model_dump(mode="json"), "runs_here": runs_here,
-        "host": host_description() if measure_here else None}, build)
+        "reference": ctx.reference.key, "tolerance": limits, "runs_here": runs_here,
+        **({"latency": timed.key} if timed else {"bench": ctx.recipe.bench.model_dump(mode="json"),
+                                                  "host": host_description() if measure_here else None})}, build)
+
+
+def _runs_as_host_latency(profile: Profile, candidate: Candidate) -> bool:
+    """An ONNX Runtime candidate of a host profile that keeps the host's thread count runs its source's very bytes
+    (ORT's compile copies the file) in the session host_latency_step times: timing it again would only add a
+    second, noisier figure for the same thing (and hold the host alone once more)."""
+    return candidate.backend == "onnxruntime" and profile.threads is None and \
+        candidate.compiled.files.get(ONNX_FILE) == candidate.source.files.get(ONNX_FILE)
+
+
+def host_latency_step(ctx: RunContext, holder: Step) -> Step:
+    """ONNX Runtime latency on this host (all its cores) of the ONNX file a step holds: the per-stage latency
+    column, and the timing of a host profile's ORT candidate. Keyed by the file's bytes, not by the step that holds
+    it, so one file is timed once per host: an export's copy of its ONNX step's file shows that step's figure."""
+    def build(tmp: Path) -> Built:
+        stats = host_latency(holder.artifact / ONNX_FILE, ctx.specs(holder), ctx.recipe.bench)
+        return Built(Metrics(latency_ms=stats.to_dict(), measured_on=host_description()))
+
+    return ctx.steps.run("latency", f"host latency of {holder.kind}", {
+        "onnx": holder.files[ONNX_FILE]["sha256"], "inputs": ctx.io_spec(holder)["inputs"],
+        "bench": ctx.recipe.bench.model_dump(mode="json"), "host": host_description()}, build)
 
 
 def _write_bundle(ctx: RunContext, folder: Path, profile: Profile, candidate: Candidate) -> None:

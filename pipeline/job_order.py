@@ -6,8 +6,9 @@ first. And a job is not started while another job of the same model runs: they s
 training), so it would wait on the other's lock with its core idle; another model's job goes first instead.
 
 A job's length is not known before it runs. Its model's weight is estimated on PyTorch's meta device (no memory,
-no weights; ~1 s the first time, when meta BatchNorm imports torch._dynamo, so executors do it while workers start,
-then milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module, because
+no weights; ~1.5 s the first time in a process, when meta ops import torch._dynamo (as a job's first optimizer step
+does anyway), so the local pool's workers do it while they start and Ray's driver while Ray starts; then
+milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module, because
 small models on a CPU are bound by per-call overhead, not arithmetic (mobilenet_v2 at 28 px does 7× fewer FLOPs
 than mnist_cnn and takes twice as long to train here). Only registry models are estimated: a user's factory is
 not run in the batch's driver; its jobs are taken as the heaviest (started first), in matrix order.
@@ -28,10 +29,10 @@ from edgesmith.pipeline.matrix import Job
 MODULE_CALL_FLOPS = 5e5    # one module's fixed cost per call (~10 µs, forward and backward) in FLOPs at ~50 GFLOP/s
 
 
-def start_order(jobs: list[Job]) -> list[Job]:
+def start_order(jobs: list[Job], weights: dict[str, float] | None = None) -> list[Job]:
     """Round by round (a model's first job, then its second, ...), heaviest model first within a round. Jobs of one
-    model keep their matrix order, and so do models of equal weight."""
-    weights = {job.model: model_weight(job.recipe["model"]) for job in jobs}
+    model keep their matrix order, and so do models of equal weight. `weights`: model_weights(jobs), if known."""
+    weights = weights or model_weights(jobs)
     seen: Counter = Counter()
     rounds = []
     for job in jobs:
@@ -39,6 +40,11 @@ def start_order(jobs: list[Job]) -> list[Job]:
         seen[job.model] += 1
     order = sorted(range(len(jobs)), key=lambda i: (rounds[i], -weights[jobs[i].model], i))
     return [jobs[i] for i in order]
+
+
+def model_weights(jobs: list[Job]) -> dict[str, float]:
+    """Each job's model label → model_weight of its model."""
+    return {job.model: model_weight(job.recipe["model"]) for job in jobs}
 
 
 def model_weight(model_section: dict) -> float:
@@ -61,8 +67,8 @@ class JobQueue:
     """The jobs not yet started, in start order. `take` hands out the first one whose model has no job running
     (or the first one when every model has); `done` and `retry` tell it what came back."""
 
-    def __init__(self, jobs: list[Job]):
-        self.queued = start_order(jobs)
+    def __init__(self, jobs: list[Job], weights: dict[str, float] | None = None):
+        self.queued = start_order(jobs, weights)
         self.running: Counter = Counter()
 
     def __bool__(self) -> bool:

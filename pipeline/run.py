@@ -10,7 +10,6 @@ from typing import Callable
 
 from edgesmith.errors import CheckpointError, TargetError
 from edgesmith.pipeline import deploy
-from edgesmith.pipeline.bench import host_latency
 from edgesmith.pipeline.context import IO_SPEC, ONNX_FILE, RunContext
 from edgesmith.pipeline.evaluate import (
     model_size,
@@ -199,20 +198,9 @@ def onnx_step(ctx: RunContext, model_step: Step, folder: Path) -> Step:
     return step
 
 
-def latency_step(ctx: RunContext, onnx: Step) -> Step:
-    """Host ONNX Runtime latency of an ONNX step's file: the one kind of model-side step that depends on the host."""
-    def build(tmp: Path) -> Built:
-        stats = host_latency(onnx.artifact / ONNX_FILE, ctx.specs(onnx), ctx.recipe.bench)
-        return Built(Metrics(latency_ms=stats.to_dict(), measured_on=deploy.host_description()))
-
-    return ctx.steps.run("latency", f"host latency of {onnx.kind}", {
-        "onnx": onnx.key, "bench": ctx.recipe.bench.model_dump(mode="json"), "host": deploy.host_description()},
-        build)
-
-
 def _onnx_metrics(ctx: RunContext, model_step: Step, folder: Path) -> tuple[Metrics, Metrics]:
     onnx = onnx_step(ctx, model_step, folder)
-    return onnx.metrics, latency_step(ctx, onnx).metrics
+    return onnx.metrics, deploy.host_latency_step(ctx, onnx).metrics
 
 
 def export_step(ctx: RunContext, previous: Step) -> Step:
@@ -232,7 +220,7 @@ def export_step(ctx: RunContext, previous: Step) -> Step:
     step = ctx.steps.run("export", "export (parity gate)", {
         "onnx": onnx.key, "config": cfg.model_dump(mode="json"), "data": ctx.data_key(),
         "metric": ctx.metric_key(), "reference": ctx.reference.key}, build, ctx.out_dir / "export")
-    ctx.row("export", step.metrics.merged(latency_step(ctx, onnx).metrics, fidelity_metrics(ctx, step)),
+    ctx.row("export", step.metrics.merged(deploy.host_latency_step(ctx, onnx).metrics, fidelity_metrics(ctx, step)),
             artifact=ctx.out_dir / "export" / ONNX_FILE)
     return step
 
@@ -271,7 +259,7 @@ def quantize_step(ctx: RunContext, scheme: str, model_step: Step, fp32: Step, te
         warn(f"✘ {problem}")
         ctx.int8_rejected[scheme] = problem
     ctx.row(deploy.onnx_label(step), step.metrics.merged(
-        latency_step(ctx, step).metrics, Metrics(fidelity=fidelity, int8_vs_fp32={
+        deploy.host_latency_step(ctx, step).metrics, Metrics(fidelity=fidelity, int8_vs_fp32={
             **vs_fp32, "passed": not problem, "gated": gated})),
         status=f"failed: {problem}" if problem else None, artifact=folder / ONNX_FILE)
     return None if problem else step

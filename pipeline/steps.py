@@ -65,11 +65,12 @@ class Step:
     facts: dict
     key_parts: dict
     label: str                # what progress lines call it: `compile x86-host onnxruntime/int8`
+    files: dict               # the artifact's files as the cache verified them: name → {bytes, sha256}
 
     @classmethod
     def from_sidecar(cls, sidecar: dict, artifact: Path, cached: bool, seconds: float, label: str) -> Step:
         return cls(sidecar["kind"], sidecar["key"], artifact, cached, seconds, sidecar["seconds"],
-                   Metrics(**sidecar["metrics"]), sidecar["facts"], sidecar["key_parts"], label)
+                   Metrics(**sidecar["metrics"]), sidecar["facts"], sidecar["key_parts"], label, sidecar["files"])
 
 
 BuildFunction = Callable[[Path], Built]

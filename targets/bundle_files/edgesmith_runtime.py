@@ -300,7 +300,10 @@ def device_facts() -> dict:
             "emulated": os.environ.get(EMULATED) or None}
 
 
-MIN_WARMUP_S = 0.5   # thread pools of work just finished (torch's OpenMP threads spin) must go quiet first
+# Thread pools of work just finished keep spinning, then go quiet: OpenBLAS for 2^28 cycles (0.19 s at 1.4 GHz, the
+# slowest board here). On this host a timing with no warm-up minimum right after training reads 1.7× slow; 0.1, 0.25
+# and 0.5 s agree within ±5 % (benchmarks/warmup.py). Every timing holds a batch's host alone for this long.
+MIN_WARMUP_S = 0.25
 
 
 def time_calls(run_once, warmup: int, runs: int, min_warmup_s: float = MIN_WARMUP_S) -> list[float]:

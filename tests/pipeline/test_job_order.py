@@ -1,8 +1,11 @@
 """The order a batch starts its jobs in: heaviest model first in each round, never two jobs of one model at once
 while another model's job could run instead."""
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
-from edgesmith.pipeline.job_order import JobQueue, model_weight, start_order
+from edgesmith.pipeline.batch_job import warm_up
+from edgesmith.pipeline.job_order import JobQueue, model_weight, model_weights, start_order
 from edgesmith.pipeline.matrix import Job
 
 SMALL = {"name": "mnist_cnn"}
@@ -22,6 +25,16 @@ def test_a_larger_model_or_input_weighs_more_and_a_factory_is_not_run():
     assert model_weight({**LARGE, "kwargs": {**LARGE["kwargs"], "image_size": 56}}) > 2 * large
     assert model_weight({"name": "mnist_cnn", "inputs": [{"name": "x", "shape": [1, 1, 56, 56]}]}) > 2 * small
     assert model_weight(FACTORY) == math.inf
+
+
+def test_a_new_pool_worker_weighs_the_jobs_as_the_driver_would():
+    """The local pool takes its order from its first worker's warm-up: a fresh spawned process, torch's meta ops
+    and all, must agree with the driver's own estimate."""
+    jobs = _jobs({"small": SMALL, "large": LARGE, "mine": FACTORY})
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        from_worker = pool.submit(warm_up, jobs).result()
+    assert from_worker == model_weights(jobs) and set(from_worker) == {"small", "large", "mine"}
+    assert [j.label for j in JobQueue(jobs, from_worker).queued] == [j.label for j in start_order(jobs)]
 
 
 def test_each_round_starts_with_its_heaviest_model():

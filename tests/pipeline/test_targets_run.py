@@ -36,6 +36,20 @@ def test_host_tries_every_candidate_and_keeps_the_fastest_measured(device_run):
     assert best["status"] == "chosen" and best["latency_ms"]["p50"] == fastest
 
 
+def test_a_file_is_timed_once_and_a_host_ort_candidate_shows_its_stage_rows_figure(device_run):
+    """ONNX Runtime on a host profile runs its source's bytes in the host-latency session: one figure, not two."""
+    result, out = device_run
+    host = _candidates(result.rows, "x86-host")
+    stage_rows = {r["stage"]: r for r in result.rows if r["target"] is None}
+    for (backend, precision), row in host.items():
+        if backend == "onnxruntime":
+            assert row["latency_ms"] == stage_rows[row["stage"]]["latency_ms"], (precision, row["stage"])
+    assert host[("tvm", "fp32")]["latency_ms"] != stage_rows[host[("tvm", "fp32")]["stage"]]["latency_ms"]
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    timed = [s["key"] for s in steps if s["kind"] == "latency"]
+    assert len(timed) > len(set(timed))   # the export row reuses its ONNX step's timing: same bytes, same key
+
+
 @needs_cross_gcc
 def test_arm_and_jetson_targets_are_chosen_by_preference_and_never_given_host_latency(device_run):
     result, out = device_run
