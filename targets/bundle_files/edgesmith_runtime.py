@@ -300,10 +300,8 @@ def device_facts() -> dict:
             "emulated": os.environ.get(EMULATED) or None}
 
 
-# Thread pools of work just finished keep spinning, then go quiet: OpenBLAS for 2^28 cycles (0.19 s at 1.4 GHz, the
-# slowest board here). On this host a timing with no warm-up minimum right after training reads 1.7× slow; 0.1, 0.25
-# and 0.5 s agree within ±5 % (benchmarks/warmup.py). Every timing holds a batch's host alone for this long.
-MIN_WARMUP_S = 0.25
+MIN_WARMUP_S = 0.25  # thread pools of work just finished spin (OpenBLAS: 2^28 cycles) and slow a timing: with no
+#                     minimum p50 reads 1.5–1.7× slow here, 0.1–0.5 s agree within ±5 % (benchmarks/warmup.py)
 
 
 def time_calls(run_once, warmup: int, runs: int, min_warmup_s: float = MIN_WARMUP_S) -> list[float]:
