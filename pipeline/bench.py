@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import onnx
@@ -56,7 +57,9 @@ def onnx_precision(onnx_path: Path) -> str:
 
 def compile_for(backend, onnx_path: Path, profile: Profile, folder: Path, options: CompileOptions) -> dict:
     """Compiles into `folder` with compile.json beside the artifact (what the backend's load() reads), the way every
-    run and bench builds one; a tuned TVM build times candidates, so it holds the host alone meanwhile."""
+    run and bench builds one; a tuned TVM build times candidates, so it holds the host alone meanwhile. Between its
+    phases the build lets a parallel job's timing go first."""
+    options = dataclasses.replace(options, pause_point=host_lock.pause_point)
     with host_lock.measuring() if options.tuning_trials else contextlib.nullcontext():
         facts = backend.compile(onnx_path, profile, folder, options)
     atomic_write_json(folder / "compile.json", facts)

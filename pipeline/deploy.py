@@ -249,7 +249,7 @@ def _compile_and_check(ctx: RunContext, profile: Profile, candidate: Candidate) 
     try:
         candidate.compiled = ctx.steps.run("compile", f"compile {label}", {
             "input": source.key, "profile": profile.model_dump(mode="json"), "backend": candidate.backend,
-            "options": {**options.__dict__, "tuning_dir": None},
+            "options": options.key_parts(),
             # tuning times candidates on this host: its result is this host's, and it runs alone here
             "host": host_description() if options.tuning_trials else None},
             build, candidate_folder(ctx, profile, candidate))

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from edgesmith.errors import ExportError, ParityError, first_line
 from edgesmith.models import InputSpec
+from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.config import ExportConfig, ParityConfig
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import onnx_outputs, torch_outputs
@@ -54,9 +55,11 @@ def export_onnx(model: nn.Module, specs: tuple[InputSpec, ...], cfg: ExportConfi
         tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_export_cause(exc)}; "
                           f"try export.exporter: {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}") from exc
+    host_lock.pause_point()   # between the phases of an export: a parallel job's timing need not wait for all
     proto = onnx.load(str(tmp))
     if cfg.slim:
         proto = _slim(proto)
+        host_lock.pause_point()
     _check_dynamic_axes(proto, specs)
     onnx.save(proto, str(tmp))
     try:

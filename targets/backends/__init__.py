@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -41,6 +41,18 @@ class CompileOptions:
     batch_size: int = 1              # static batch for TVM (MetaSchedule tunes static shapes)
     tuning_trials: int = 0           # TVM MetaSchedule trials; 0: untuned
     tuning_dir: Path | None = None   # where tuning databases persist, keyed by (ONNX hash, target)
+    # Called between a compile's phases and TVM's passes, where the build may stop a while (a parallel job waiting
+    # to time a model on this host goes first). Changes nothing that is built.
+    pause_point: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def key_parts(self) -> dict:
+        """What of these options changes the artifact: a cache key's part (where tuning persists does not)."""
+        return {"precision": self.precision, "batch_size": self.batch_size, "tuning_trials": self.tuning_trials,
+                "tuning_dir": None}
+
+    def pause(self) -> None:
+        if self.pause_point is not None:
+            self.pause_point()
 
 
 class Runner(Protocol):

@@ -7,6 +7,7 @@ Optional MetaSchedule tuning keeps its database per (ONNX hash, target, trial bu
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -105,23 +106,55 @@ def compile(onnx_path: Path, profile: Profile, out_dir: Path, options: CompileOp
                            "export it without them")
     start = time.time()
     shapes = _static_shapes(model, options.batch_size, declared_input_shapes(onnx_path))
+    options.pause()
     mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     target_dict = resolved_target(profile, tuning=options.tuning_trials > 0)
     target = tvm.target.Target(target_dict)
     tuning = None
     if options.tuning_trials > 0:
         mod, tuning = _tune(mod, target, onnx_path, profile, options)
-    executable = tvm.compile(mod, target)
+    with _pausing_between_passes(options):
+        executable = tvm.compile(mod, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = out_dir / ARTIFACT
     cc = profile.tvm.cc
-    executable.export_library(str(library), **({"cc": cc} if cc else {}))
+    options.pause()   # writing the object file (LLVM's code generation) cannot pause; linking pauses first
+    executable.export_library(str(library), fcompile=_linking_after_a_pause(options), **({"cc": cc} if cc else {}))
     arch = elf_arch(library)
     if arch != target_arch(profile):
         raise BackendError(f"{library} is a {arch} shared object, the target '{profile.name}' needs "
                            f"{target_arch(profile)}; check tvm.target.mtriple and tvm.cc in the profile")
     return {"target": target_dict, "cc": cc or "host", "elf_arch": arch, "input_shapes": shapes,
             "batch_size": options.batch_size, "tuning": tuning, "compile_seconds": round(time.time() - start, 2)}
+
+
+def _pausing_between_passes(options: CompileOptions):
+    """The current pass context (TVM's defaults unless a caller set its own) with `options.pause()` before every
+    pass (~80 of them): a compile can pause every few tens of ms (0.5 s at most, for resnet18 here) instead of only
+    when it ends, 1–5 s later in a batch."""
+    import tvm
+
+    @tvm.instrument.pass_instrument
+    class PausePoints:
+        def run_before_pass(self, mod, info):
+            options.pause()
+
+    current = tvm.transform.PassContext.current()
+    return tvm.transform.PassContext(opt_level=current.opt_level, required_pass=list(current.required_pass),
+                                     disabled_pass=list(current.disabled_pass),
+                                     instruments=[*current.instruments, PausePoints()], config=dict(current.config))
+
+
+def _linking_after_a_pause(options: CompileOptions):
+    """TVM's linker (the C compiler, a process that would not pause) with a pause point before it starts."""
+    from tvm.support import cc as tvm_cc
+
+    @functools.wraps(tvm_cc.create_shared)   # and its attributes, which export_library reads
+    def link(output, objects, **kwargs):
+        options.pause()
+        return tvm_cc.create_shared(output, objects, **kwargs)
+
+    return link
 
 
 def _static_shapes(model: onnx.ModelProto, batch_size: int, declared: dict[str, list[int]]) -> dict[str, list[int]]:

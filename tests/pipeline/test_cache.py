@@ -187,3 +187,39 @@ def test_a_host_measurement_pauses_other_builds_at_their_next_batch(tmp_path):
     assert end == start + 1                          # nothing ran inside the timing window
     assert 0 < start < len(events) - 2               # the training build paused mid-way, not after finishing
     assert sum(1 for e in events if e[0] == "batch") == 40
+
+
+@pytest.mark.parametrize("target", ["x86-host", "raspberry-pi-4"])
+def test_a_host_measurement_does_not_wait_for_a_whole_tvm_compile(tmp_path, target):
+    """A compile cannot pause mid-pass, but it pauses between TVM's passes and before linking: a parallel job's
+    timing goes first instead of idling its core until the whole compile ends."""
+    pytest.importorskip("tvm", reason="apache-tvm is a dependency of edgesmith; this environment lacks it")
+    if target != "x86-host" and shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc absent: apt-get install gcc-aarch64-linux-gnu")
+    from edgesmith.pipeline.bench import compile_for
+    from edgesmith.targets import load_profile
+    from edgesmith.targets.backends import CompileOptions, get_backend
+    from tests.targets.conftest import tiny_cnn
+
+    onnx.save(tiny_cnn(), str(tmp_path / "tiny.onnx"))
+    events, compiling = [], threading.Event()
+
+    def compile_build():
+        with host_lock.computing(tmp_path):
+            compiling.set()
+            compile_for(get_backend("tvm"), tmp_path / "tiny.onnx", load_profile(target), tmp_path / "out",
+                        CompileOptions())
+            events.append("compiled")
+
+    def measuring_build():
+        with host_lock.computing(tmp_path):
+            compiling.wait(10)
+            with host_lock.measuring():
+                events.append("measured")
+
+    threads = [threading.Thread(target=compile_build), threading.Thread(target=measuring_build)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert events == ["measured", "compiled"] and (tmp_path / "out" / "model.so").is_file()

