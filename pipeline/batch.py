@@ -28,7 +28,7 @@ from edgesmith.errors import EdgesmithError, first_line
 from edgesmith.pipeline import progress, report
 from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished, warm_up
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
-from edgesmith.pipeline.html_report import render_report
+from edgesmith.pipeline.html_report import pyplot, render_report
 from edgesmith.pipeline.job_order import JobQueue
 from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
 
@@ -86,9 +86,15 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
     args = (str(out.resolve()), str(Path(cache_dir).resolve()), use_cache, max(1, int(cpus)), share_idle_cores)
     pool = LocalExecutor(parallel) if cfg.kind == "local" else RayExecutor(cfg, parallel, cpus)
     board = JobBoard(jobs, out, enabled=live and progress.enabled())
+
+    def update(outcomes: dict[str, Outcome]) -> None:
+        board.update(outcomes)
+        if len(jobs) - len(outcomes) < parallel:   # a slot idles: load the report's plotting now, not at the end
+            pyplot()
+
     try:
         with board:
-            pool.run(jobs, args, outcomes, board.update)
+            pool.run(jobs, args, outcomes, update)
     except KeyboardInterrupt:
         for job in jobs:
             outcomes.setdefault(job.label, unfinished(job, out, "interrupted", "stopped by Ctrl-C"))
@@ -197,7 +203,7 @@ def _native_thread_pools(threads: int) -> Iterator[None]:
     """Workers spawned inside size their OpenMP and BLAS thread pools to the job's share of the cores, as Ray does
     for a task's num_cpus: read once, when numpy and torch load, so set in the environment the workers inherit.
     Otherwise each worker's numpy (ONNX quantization's calibration, parity checks) starts a thread per core and the
-    workers fight over them. Torch's threads are set per step (batch_job.threads_for_step); ONNX Runtime and TVM
+    workers fight over them. Torch's threads follow the jobs running (batch_job.threads_now); ONNX Runtime and TVM
     timings take their own counts."""
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     saved = {name: os.environ.get(name) for name in names}

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgesmith.errors import EdgesmithError, first_line
-from edgesmith.pipeline import progress
+from edgesmith.pipeline import host_lock, progress
 from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.matrix import Job
+from edgesmith.pipeline.quick_exit import skip_final_collections
 from edgesmith.pipeline.run_folders import claim_run_folder
 
 STATUS_FILE = "status.json"     # in a running job's folder: its current step (the live table reads it)
@@ -47,8 +48,11 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
         -> Outcome:
     """Runs one job in a pool process or a Ray worker: its progress goes to the job's log.txt, its current step to
     status.json; any failure becomes the outcome (the job's finished steps stay cached and published).
-    `share_idle_cores`: each step takes the cores that jobs no longer running left idle (see threads_for_step)."""
+    `share_idle_cores`: the job's torch threads grow into the cores that finished jobs left idle (threads_now),
+    at each step and between the batches of a step (host_lock.adjusting)."""
     import torch
+
+    skip_final_collections()   # this worker's exit, after the batch's last job
 
     from edgesmith.pipeline.run import run as run_pipeline
 
@@ -66,10 +70,12 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
         step["label"] = label
         atomic_write_json(folder / STATUS_FILE, {"started": started, "step": label, "step_started": time.time()})
         if share_idle_cores:
-            torch.set_num_threads(threads_for_step(Path(out_dir), threads))
+            share_cores(Path(out_dir), threads)
 
     status, reason = "done", None
-    with open(folder / LOG_FILE, "a") as log, _console_to(log):
+    sharing = host_lock.adjusting(lambda: share_cores(Path(out_dir), threads)) if share_idle_cores else \
+        contextlib.nullcontext()
+    with open(folder / LOG_FILE, "a") as log, _console_to(log), sharing:
         log.write(f"— batch job {job.label}, {time.strftime('%Y-%m-%d %H:%M:%S')} —\n")
         try:
             run_pipeline(recipe, folder, Path(cache_dir), use_cache=use_cache, on_step=on_step)
@@ -97,10 +103,19 @@ def warm_up(jobs: list[Job]) -> dict[str, float]:
     return model_weights(jobs)
 
 
-def threads_for_step(out_dir: Path, threads: int) -> int:
-    """Torch threads for a step starting now: this machine's cores over the jobs running (those with a status
-    file), never fewer than the job's share. Without it a batch's last jobs run one core each while the cores of
-    the finished ones idle; a step already running keeps its threads, so the next step is where they go."""
+def share_cores(out_dir: Path, threads: int) -> None:
+    """Sets this thread's torch threads to threads_now."""
+    import torch
+
+    wanted = threads_now(out_dir, threads)
+    if wanted != torch.get_num_threads():
+        torch.set_num_threads(wanted)
+
+
+def threads_now(out_dir: Path, threads: int) -> int:
+    """Torch threads for a job now: this machine's cores over the jobs running (those with a status file), never
+    fewer than the job's share. Without it a batch's last jobs run one core each while the cores of the finished
+    ones idle (the last job's fine-tuning, 5 s here, once ran on one of two cores)."""
     running = sum(1 for _ in (out_dir / "jobs").glob(f"*/{STATUS_FILE}"))
     return max(threads, cores() // max(1, running))
 

@@ -6,7 +6,8 @@ second lock ("intent"): builds pause for it between data batches (`pause_point`,
 training, fine-tuning, calibration and evaluation all yield at batch granularity) and new builds wait behind it,
 so it neither waits for a whole training run nor starves. Builds that cannot pause (an export, a compile) finish
 first. Lock files live in the cache, named by host: machines sharing a cache over a network file system do not
-wait on each other. Kernel flocks: a killed holder leaves no stale lock.
+wait on each other. Kernel flocks: a killed holder leaves no stale lock. A pause point is also where a batch job
+takes the cores that finished jobs left idle (`adjusting`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import contextlib
 import fcntl
 import socket
 import threading
+import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
+_ADJUST_EVERY_S = 0.25     # a pause point comes every few milliseconds in training: adjusting costs a file listing
 _held = threading.local()   # this thread's open lock files (intent, host), whether exclusive, and nesting depth
 
 
@@ -76,8 +79,24 @@ def stepped_aside() -> Iterator[None]:
         fcntl.flock(host, fcntl.LOCK_SH)
 
 
+@contextlib.contextmanager
+def adjusting(adjust: Callable[[], None]) -> Iterator[None]:
+    """`adjust` runs at this thread's pause points (at most every _ADJUST_EVERY_S) while inside: a batch job
+    resizes its torch threads there, which only the computing thread can do (OpenMP's thread count is per thread)."""
+    previous = getattr(_held, "adjust", None)
+    _held.adjust, _held.adjusted = adjust, time.monotonic()
+    try:
+        yield
+    finally:
+        _held.adjust = previous
+
+
 def pause_point() -> None:
     """Between two batches of a build: if a measurement is waiting, step aside until it is done."""
+    adjust = getattr(_held, "adjust", None)
+    if adjust is not None and time.monotonic() - _held.adjusted >= _ADJUST_EVERY_S:
+        _held.adjusted = time.monotonic()
+        adjust()
     files = getattr(_held, "files", None)
     if not files or _held.exclusive:
         return

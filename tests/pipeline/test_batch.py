@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.batch import _native_thread_pools, start_ray
-from edgesmith.pipeline.batch_job import STATUS_FILE, threads_for_step
+from edgesmith.pipeline.batch_job import STATUS_FILE, share_cores, threads_now
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
 
@@ -134,11 +135,33 @@ def test_a_step_takes_the_cores_that_finished_jobs_left_idle(tmp_path):
         for i in range(running):
             (tmp_path / "jobs" / f"job{i}").mkdir(parents=True, exist_ok=True)
             (tmp_path / "jobs" / f"job{i}" / STATUS_FILE).write_text("{}")
-        assert threads_for_step(tmp_path, 1) == max(1, cores // running)
-        assert threads_for_step(tmp_path, 4) >= 4   # never below the job's own share
+        assert threads_now(tmp_path, 1) == max(1, cores // running)
+        assert threads_now(tmp_path, 4) >= 4   # never below the job's own share
     for status in tmp_path.glob(f"jobs/*/{STATUS_FILE}"):
         status.unlink()
-    assert threads_for_step(tmp_path, 1) == cores
+    assert threads_now(tmp_path, 1) == cores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to share")
+def test_a_running_step_takes_the_cores_a_job_finishing_meanwhile_left_idle(tmp_path):
+    import torch
+
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    for job in ("this", "other"):
+        (tmp_path / "jobs" / job).mkdir(parents=True)
+        (tmp_path / "jobs" / job / STATUS_FILE).write_text("{}")
+    try:
+        share_cores(tmp_path, 1)
+        assert torch.get_num_threads() == cores // 2
+        with host_lock.adjusting(lambda: share_cores(tmp_path, 1)):
+            (tmp_path / "jobs" / "other" / STATUS_FILE).unlink()   # the other job ended while this step runs
+            deadline = time.monotonic() + 10
+            while torch.get_num_threads() < cores and time.monotonic() < deadline:
+                host_lock.pause_point()   # what Dataset.batches calls between two batches
+                time.sleep(0.01)
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
 
 
 def _native_threads_in_a_spawned_worker() -> list[int]:
