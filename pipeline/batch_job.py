@@ -4,6 +4,7 @@ The worker gets the job and the folder paths only; nothing here needs the driver
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -65,16 +66,16 @@ def run_job(job: Job, out_dir: str, cache_dir: str, use_cache: bool, threads: in
     claim_run_folder(folder, recipe, force=True)   # the batch owns its job folders: a changed job replaces its own
     started = time.time()
     step = {"label": None}
+    share = functools.partial(share_cores, Path(out_dir), threads)
 
     def on_step(label: str) -> None:
         step["label"] = label
         atomic_write_json(folder / STATUS_FILE, {"started": started, "step": label, "step_started": time.time()})
         if share_idle_cores:
-            share_cores(Path(out_dir), threads)
+            share()
 
     status, reason = "done", None
-    sharing = host_lock.adjusting(lambda: share_cores(Path(out_dir), threads)) if share_idle_cores else \
-        contextlib.nullcontext()
+    sharing = host_lock.adjusting(share) if share_idle_cores else contextlib.nullcontext()
     with open(folder / LOG_FILE, "a") as log, _console_to(log), sharing:
         log.write(f"— batch job {job.label}, {time.strftime('%Y-%m-%d %H:%M:%S')} —\n")
         try:

@@ -9,15 +9,11 @@ system, as os._exit would leave everything.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 
-_registered = False
 
-
+@functools.cache   # more calls do nothing
 def skip_final_collections() -> None:
-    """Call early in the process (more calls do nothing): registered first, the freeze runs after every other
-    atexit handler."""
-    global _registered
-    if not _registered:
-        atexit.register(gc.freeze)
-        _registered = True
+    """Call early in the process: registered first, the freeze runs after every other atexit handler."""
+    atexit.register(gc.freeze)

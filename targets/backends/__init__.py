@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -46,9 +46,9 @@ class CompileOptions:
     pause_point: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def key_parts(self) -> dict:
-        """What of these options changes the artifact: a cache key's part (where tuning persists does not)."""
-        return {"precision": self.precision, "batch_size": self.batch_size, "tuning_trials": self.tuning_trials,
-                "tuning_dir": None}
+        """What of these options changes the artifact: a cache key's part. Every compared field, so an option added
+        later is in the key; where tuning persists is not."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare} | {"tuning_dir": None}
 
     def pause(self) -> None:
         if self.pause_point is not None:
