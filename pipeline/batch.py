@@ -7,9 +7,7 @@ batch's end. Workers get the job (its recipe as plain data) and the folder paths
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -18,14 +16,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolE
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from rich import box
 from rich.live import Live
 from rich.table import Table
 
 from edgesmith.errors import EdgesmithError, first_line
-from edgesmith.pipeline import progress, report
+from edgesmith.pipeline import progress, report, worker_server
 from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished, warm_up
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import pyplot, render_report
@@ -126,10 +124,10 @@ Update = Callable[[dict], None]
 
 
 class LocalExecutor:
-    """A process pool on this machine. Processes are started fresh (spawn: torch and fork do not mix) and reused
-    across jobs, so a warm batch pays the imports once per worker. Jobs are handed out as workers free, in the
-    queue's order (job_order.py). A worker that dies (out of memory, a crash in a native library) breaks the pool:
-    the jobs that were running are tried once more in a new pool."""
+    """A process pool on this machine. Processes are forked from a server that imported the jobs' libraries
+    (worker_server.py; forking the driver, whose threads run, would not be safe) and reused across jobs. Jobs are
+    handed out as workers free, in the queue's order (job_order.py). A worker that dies (out of memory, a crash in
+    a native library) breaks the pool: the jobs that were running are tried once more in a new pool."""
 
     def __init__(self, parallel: int):
         self.parallel = parallel
@@ -137,8 +135,7 @@ class LocalExecutor:
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
         queue, crashes = None, Counter()
         while queue is None or queue:   # a new pool each time a worker died
-            with _native_thread_pools(args[3]), \
-                    ProcessPoolExecutor(self.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(self.parallel, mp_context=worker_server.start()) as pool:
                 if queue is None:   # the order comes from the first worker to start (its imports and weights)
                     queue = _ordered_by_a_worker(pool, jobs, self.parallel)
                 try:
@@ -196,24 +193,6 @@ def _ordered_by_a_worker(pool: ProcessPoolExecutor, jobs: list[Job], parallel: i
         return JobQueue(jobs, next(as_completed(warming)).result())
     except BrokenProcessPool:
         return JobQueue(jobs)
-
-
-@contextlib.contextmanager
-def _native_thread_pools(threads: int) -> Iterator[None]:
-    """Workers spawned inside size their OpenMP and BLAS thread pools to the job's share of the cores, as Ray does
-    for a task's num_cpus: read once, when numpy and torch load, so set in the environment the workers inherit.
-    Otherwise each worker's numpy (ONNX quantization's calibration, parity checks) starts a thread per core and the
-    workers fight over them. Torch's threads follow the jobs running (batch_job.threads_now); ONNX Runtime and TVM
-    timings take their own counts."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: str(threads) for name in names if name not in os.environ})   # a user's setting wins
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

@@ -153,6 +153,13 @@ def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
         Console(stderr=True).print(f"[bold red]error:[/] --executor {escape(executor)}: choose local or ray",
                                    highlight=False)
         raise typer.Exit(2)
+    if _runs_in_local_pool(matrix, executor, ray_address):
+        from edgesmith.pipeline import worker_server
+
+        try:
+            worker_server.start()   # its imports run on another core while this process imports and validates
+        except OSError:
+            pass   # the pool tries again when it starts, and reports what fails then
     with _user_errors(debug):
         import edgesmith
         from edgesmith.pipeline.batch import summary_table
@@ -167,6 +174,18 @@ def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
         stdout.print(f"batch folder: {result.out_dir}  (results.csv, report.html)", highlight=False)
         if result.failed:
             raise typer.Exit(1)
+
+
+def _runs_in_local_pool(matrix: Path, executor: str | None, ray_address: str | None) -> bool:
+    """The executor a batch will use, read before the matrix is validated (a file that cannot be read here is
+    reported by the validation: no pool is started for it)."""
+    if executor or ray_address:
+        return executor == "local"
+    try:
+        section = yaml.safe_load(matrix.read_text(encoding="utf-8")).get("executor") or {}
+        return section.get("kind", "local") == "local"
+    except Exception:
+        return False
 
 
 @app.command()

@@ -7,11 +7,11 @@ training), so it would wait on the other's lock with its core idle; another mode
 
 A job's length is not known before it runs. Its model's weight is estimated on PyTorch's meta device (no memory,
 no weights; ~1.5 s the first time in a process, when meta ops import torch._dynamo (as a job's first optimizer step
-does anyway), so the local pool's workers do it while they start and Ray's driver while Ray starts; then
-milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per module, because
-small models on a CPU are bound by per-call overhead, not arithmetic (mobilenet_v2 at 28 px does 7× fewer FLOPs
-than mnist_cnn and takes twice as long to train here). Only registry models are estimated: a user's factory is
-not run in the batch's driver; its jobs are taken as the heaviest (started first), in matrix order.
+does anyway), so it is done by the local pool's first worker, whose server preloaded it (worker_server.py), and
+by Ray's driver while Ray starts; then milliseconds): arithmetic (FLOPs of one forward pass) plus a fixed cost per
+module, because small models on a CPU are bound by per-call overhead, not arithmetic (mobilenet_v2 at 28 px does 7×
+fewer FLOPs than mnist_cnn and takes twice as long to train here). Only registry models are estimated: a user's
+factory is not run in the batch's driver; its jobs are taken as the heaviest (started first), in matrix order.
 """
 from __future__ import annotations
 

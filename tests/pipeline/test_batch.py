@@ -1,7 +1,6 @@
 """Batch runs through the CLI as a user runs them: a local process pool and a local Ray instance, one shared cache,
 failures as rows, resumption, results.csv read by pandas, and report.html loaded in a real headless chromium."""
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -9,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +15,7 @@ import pytest
 import yaml
 
 from edgesmith.pipeline import host_lock
-from edgesmith.pipeline.batch import _native_thread_pools, start_ray
+from edgesmith.pipeline.batch import start_ray
 from edgesmith.pipeline.batch_job import STATUS_FILE, share_cores, threads_now
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
@@ -162,27 +160,6 @@ def test_a_running_step_takes_the_cores_a_job_finishing_meanwhile_left_idle(tmp_
         assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(before)
-
-
-def _native_threads_in_a_spawned_worker() -> list[int]:
-    import numpy  # noqa: F401  (its BLAS sizes its pool when loaded)
-    import threadpoolctl
-    import torch  # noqa: F401  (its OpenMP likewise)
-
-    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()]
-
-
-def test_pool_workers_size_their_openmp_and_blas_pools_to_the_jobs_share(monkeypatch):
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    spawn = multiprocessing.get_context("spawn")
-    with _native_thread_pools(1), ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        shared = pool.submit(_native_threads_in_a_spawned_worker).result()
-    assert shared and set(shared) == {1}, shared
-    assert "OMP_NUM_THREADS" not in os.environ   # the driver's own environment is left as it was
-    if len(os.sched_getaffinity(0)) > 1:
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            assert max(pool.submit(_native_threads_in_a_spawned_worker).result()) > 1
 
 
 def test_a_local_ray_instance_refuses_a_driver_without_its_token(tmp_path):

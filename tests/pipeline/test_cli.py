@@ -216,3 +216,19 @@ def test_user_errors_are_one_line_with_exit_code_2(case, tmp_path):
         debug = edgesmith(*arguments, "--debug")
         assert debug.returncode != 0 and "Traceback" in debug.stderr
         assert ("weights server unreachable" if case == "factory raises" else "x.sum() > 0") in debug.stderr
+
+
+def test_the_batch_command_starts_its_worker_server_only_for_a_local_pool(tmp_path):
+    """`edgesmith batch` starts the local pool's worker server before validating (it imports meanwhile): not for
+    Ray, and not for a file it cannot read (validation says what is wrong with it)."""
+    from edgesmith.pipeline.cli import _runs_in_local_pool
+
+    local, ray, broken = tmp_path / "local.yaml", tmp_path / "ray.yaml", tmp_path / "broken.yaml"
+    local.write_text("name: fleet\nrecipe: base.yaml\n")
+    ray.write_text("name: fleet\nrecipe: base.yaml\nexecutor: {kind: ray}\n")
+    broken.write_text("name: [unclosed\n")
+    assert _runs_in_local_pool(local, None, None) and not _runs_in_local_pool(ray, None, None)
+    assert _runs_in_local_pool(ray, "local", None) and not _runs_in_local_pool(local, "ray", None)
+    assert not _runs_in_local_pool(local, None, "auto")   # an address means Ray
+    assert not _runs_in_local_pool(broken, None, None)
+    assert not _runs_in_local_pool(tmp_path / "missing.yaml", None, None)
