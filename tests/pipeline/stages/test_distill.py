@@ -67,6 +67,7 @@ def test_teacher_with_other_classes_is_refused():
 
 def test_distill_stage_with_feature_adapters_trains_the_student(trained_digits_cnn, tmp_path):
     fresh, data, ctx, teacher_accuracy = trained_digits_cnn
+    torch.manual_seed(0)   # the student's initialisation: unseeded, 3 epochs ended anywhere from 50 to 65 %
     student = models.create("mnist_cnn", width=8)   # narrower: its features need a 1×1 adapter to the teacher's
     cfg = DistillStage(kind="distill", epochs=3, lr=3e-3,
                        features=[FeaturePair(student="features.4", teacher="features.4")])
