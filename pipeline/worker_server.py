@@ -1,6 +1,7 @@
 """The local pool's workers are forked from one server process (multiprocessing's forkserver) that imports the
 libraries every job needs while the batch's driver is still importing and validating the matrix. A spawned worker
-imported them itself, after the driver, ~2.5 s each plus torch._dynamo's 1.4 s at its first job; a forked one starts
+imported them itself, after the driver: ~2.5 s each, then 1.4 s of torch._dynamo for the jobs' weights or its first
+training step (measured in the batch benchmark: first job 7.9 s after launch, 4.7 s forked); a forked one starts
 with them loaded. `edgesmith batch` starts the server before its own imports (cli.py); a library caller's batch
 starts it with its pool.
 
