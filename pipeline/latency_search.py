@@ -38,12 +38,10 @@ from edgesmith.pipeline.versions import key_versions
 
 STEP = 0.002                # the knapsack's grid: 0.2 % steps of latency (in log ratio)
 MAX_SHARE = 0.95            # of the latency one group can scale (the rest is per-call overhead and other groups)
-SEARCH_VERSION = 3          # part of a latency-budget stage's cache key: a changed search re-runs it
+SEARCH_VERSION = 4          # part of a latency-budget stage's cache key: a changed search re-runs it
 CLOSE_ENOUGH = 0.95         # a candidate measuring within [95 %, 100 %] of the budget ends the search
 TABLE_FORMAT = 2
-# Interleaved rounds per measurement on this host (the median is kept): the table's many measurements average out
-# in the knapsack's sums; a candidate's measurement decides alone, so it gets more.
-TABLE_ROUNDS, SEARCH_ROUNDS = 3, 5
+TABLE_ROUNDS, SEARCH_ROUNDS = 3, 5   # interleaved rounds per measurement (median kept): a candidate's decides alone
 
 
 @dataclass(frozen=True)
@@ -300,12 +298,11 @@ class LatencySearch:
     # -- the measured search ------------------------------------------------------------------------------------
     def search(self, tables: Tables, budget_of: Callable[[float], float], iterations: int) \
             -> tuple[list[Candidate], Candidate, dict]:
-        """Knapsack solutions measured on the device, the knapsack's target moved by each miss (bisected once
-        targets on both sides are known). A candidate that measures within the budget is measured again, exported as
-        the run exports it, to be confirmed (timing noise here is ±5 % between two measurements of one file). The
-        search stops at a confirmed candidate within [CLOSE_ENOUGH, 1] × budget, when the knapsack's answer stops
-        changing, or after `iterations`. Returns the trace, the least damaged confirmed candidate and its final
-        measurement."""
+        """Knapsack solutions measured on the device, the target moved by each miss (bisected once targets on both
+        sides are known). A candidate within the budget is measured again, exported as the run exports it, to be
+        confirmed (timing noise here: ±5 % between two measurements of one file). Stops at a confirmed candidate
+        within [CLOSE_ENOUGH, 1] × budget, when the knapsack's answer stops changing, or after `iterations`.
+        Returns the trace, the least damaged confirmed candidate and its final measurement."""
         budget = budget_of(tables.unpruned_ms)
         self.check_reachable(tables, budget)
         target, below, above = budget, None, None   # knapsack targets whose candidate was confirmed / over budget
@@ -374,14 +371,13 @@ class LatencySearch:
 
 
 def _slack(candidate: Candidate) -> float:
-    """Budget over measured p50 at the candidate's tightest measurement, each against the budget of its own timing
-    (a speedup budget follows the unpruned model, timed beside the candidate each time): below 1 for a candidate
-    that missed once. Pairing the first budget with the second measurement moved the target up after a candidate
-    that passed once and failed its confirmation, back to a solution known to be over (seen on a loaded CI host:
-    two candidates alternating for every iteration)."""
-    final = candidate.final
-    return min([candidate.budget_ms / candidate.measured_ms,
-                *([final["budget_ms"] / final["measured_p50_ms"]] if final else [])])
+    """Budget over p50 at the tightest of the candidate's timings, each against its own budget (a speedup budget
+    follows the unpruned model timed beside it): below 1 once missed, so the target moves down, never back to a
+    solution known to be over (two candidates once alternated to the end on a loaded CI host)."""
+    timings = [(candidate.budget_ms, candidate.measured_ms)]
+    if candidate.final:
+        timings.append((candidate.final["budget_ms"], candidate.final["measured_p50_ms"]))
+    return min(budget / measured for budget, measured in timings)
 
 
 @contextlib.contextmanager
