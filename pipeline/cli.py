@@ -177,8 +177,8 @@ def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
 
 
 def _runs_in_local_pool(matrix: Path, executor: str | None, ray_address: str | None) -> bool:
-    """The executor a batch will use, read before the matrix is validated (a file that cannot be read here is
-    reported by the validation: no pool is started for it)."""
+    """Whether the batch's jobs will run in the local pool, read before the matrix is validated (a file that cannot
+    be read here is reported by the validation: no pool is started for it)."""
     if executor or ray_address:
         return executor == "local"
     try:
