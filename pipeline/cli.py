@@ -351,7 +351,9 @@ def board_emulate(ctx: typer.Context,
 
 
 def entry() -> None:
+    from edgesmith.pipeline.openmp_wait import spin_count_default
     from edgesmith.pipeline.quick_exit import skip_final_collections
 
+    os.environ.update(spin_count_default(os.environ))   # before torch loads libgomp (openmp_wait.py)
     skip_final_collections()   # a command that ran the pipeline would spend ~1 s exiting
     sys.exit(app())

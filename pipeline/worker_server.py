@@ -10,7 +10,8 @@ Runtime's module starts one when imported, so each worker imports ONNX Runtime i
 OpenMP pools are sized to one thread in the server (numpy's OpenBLAS starts its threads when loaded).
 tests/pipeline/test_worker_server.py checks both. A worker's torch threads are set per job (batch_job.run_job and
 share_cores); numpy's BLAS, which only computes calibration statistics and parity checks here, keeps one thread
-per worker so that parallel jobs do not fight over the cores. Thread variables a user set are left as they are.
+per worker so that parallel jobs do not fight over the cores. The server also gets libgomp's short spin count
+(openmp_wait.py: a job's torch threads beside other work on the machine). Variables a user set are left as they are.
 
 Light to import: the CLI imports this before torch.
 """
@@ -20,6 +21,8 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 from multiprocessing.context import BaseContext
+
+from edgesmith.pipeline.openmp_wait import spin_count_default
 
 PRELOAD = ("torch", "torch._dynamo", "onnx", "torch_pruning", "edgesmith.pipeline.evaluate",
            "edgesmith.pipeline.stages", "edgesmith.pipeline.worker_server_exit")
@@ -33,11 +36,11 @@ def start() -> BaseContext:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOAD))   # no effect on a server already running
-    unset = [name for name in THREAD_VARIABLES if name not in os.environ]
-    os.environ.update({name: "1" for name in unset})   # the server inherits the environment as it is now
+    added = {**{name: "1" for name in THREAD_VARIABLES if name not in os.environ}, **spin_count_default(os.environ)}
+    os.environ.update(added)   # the server inherits the environment as it is now
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        for name in unset:
+        for name in added:
             os.environ.pop(name, None)
     return context

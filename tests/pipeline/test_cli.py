@@ -1,11 +1,15 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
-from tests.conftest import FAST, chosen, edgesmith
+from edgesmith.pipeline.openmp_wait import SPIN_COUNT
+from tests.conftest import FAST, REPO, chosen, edgesmith
 from tests.targets.conftest import tiny_cnn
 
 
@@ -232,3 +236,17 @@ def test_the_batch_command_starts_its_worker_server_only_for_a_local_pool(tmp_pa
     assert not _runs_in_local_pool(local, None, "auto")   # an address means Ray
     assert not _runs_in_local_pool(broken, None, None)
     assert not _runs_in_local_pool(tmp_path / "missing.yaml", None, None)
+
+
+@pytest.mark.parametrize("user_setting, expected", [({}, SPIN_COUNT), ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
+                                                    ({"GOMP_SPINCOUNT": "300000"}, "300000")])
+def test_the_command_sets_libgomps_spin_count_before_torch_loads_unless_the_user_chose(user_setting, expected):
+    """libgomp reads GOMP_SPINCOUNT when torch loads it (openmp_wait.py): the command's process has it set by then."""
+    probe = ("import json, os, sys\nfrom edgesmith.pipeline import cli\n"
+             "cli.app = lambda: print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules])) or 0\n"
+             "cli.entry()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(REPO), **user_setting})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == [expected, False]

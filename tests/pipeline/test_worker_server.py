@@ -1,6 +1,6 @@
 """The local pool's worker server: what it preloads starts no thread (forking it is safe), its workers start with the
-libraries loaded and one BLAS/OpenMP thread each, and a user's thread setting wins. Each case runs in a fresh
-process, since a process has one forkserver for its life."""
+libraries loaded, one BLAS/OpenMP thread each and libgomp's short spin count, and a user's setting wins. Each case
+runs in a fresh process, since a process has one forkserver for its life."""
 import json
 import os
 import subprocess
@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from edgesmith.pipeline.openmp_wait import SPIN_COUNT
 from edgesmith.pipeline.worker_server import PRELOAD, THREAD_VARIABLES
 from tests.conftest import REPO
 
@@ -20,19 +21,20 @@ PROBE = textwrap.dedent("""
         loaded = {name: name in sys.modules for name in ("torch", "torch._dynamo", "onnx", "onnxruntime")}
         import threadpoolctl, numpy, torch  # noqa: F401
         pools = sorted({pool["internal_api"]: pool["num_threads"] for pool in threadpoolctl.threadpool_info()}.items())
-        return {"loaded": loaded, "pools": pools, "parent": os.getppid()}
+        return {"loaded": loaded, "pools": pools, "parent": os.getppid(),
+                "spin_count": os.environ.get("GOMP_SPINCOUNT")}
 
     if __name__ == "__main__":
         from edgesmith.pipeline import worker_server
         with ProcessPoolExecutor(1, mp_context=worker_server.start()) as pool:
             result = pool.submit(probe).result()
         print(json.dumps({**result, "driver": os.getpid(), "environment_kept": not any(
-            name in os.environ for name in worker_server.THREAD_VARIABLES)}))
+            name in os.environ for name in (*worker_server.THREAD_VARIABLES, "GOMP_SPINCOUNT"))}))
 """)
 
 
 def _clean_environment(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
@@ -62,7 +64,13 @@ def test_a_worker_is_forked_with_the_libraries_loaded_and_one_thread_per_pool(tm
     assert result["loaded"] == {"torch": True, "torch._dynamo": True, "onnx": True, "onnxruntime": False}
     assert result["parent"] != result["driver"]   # forked by the server, not by the driver
     assert result["pools"] and {threads for _, threads in result["pools"]} == {1}, result["pools"]
+    assert result["spin_count"] == SPIN_COUNT     # waiting torch threads sleep soon (openmp_wait.py)
     assert result["environment_kept"]             # the driver's own environment is left as it was
+
+
+def test_a_wait_policy_the_user_set_is_left_alone(tmp_path):
+    result = _run_probe(tmp_path, OMP_WAIT_POLICY="ACTIVE")
+    assert result["spin_count"] is None
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell two threads from one")
