@@ -228,18 +228,16 @@ def test_the_report_loads_in_headless_chromium_with_a_plot_per_device(fleet, tmp
     assert (out / "report.html").is_file()   # every batch writes its own
 
 
-def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
-    matrix = _batch_folder(tmp_path, [{"name": "mnist_cnn", "kwargs": {"width": 8}}],
-                           set=["stages.0.epochs=30"])
-    out, cache = tmp_path / "out", tmp_path / "cache"
+def _interrupt_in_training(matrix: Path, out: Path, cache: Path, job: str, *options: str) -> str:
+    """Starts the batch, sends Ctrl-C once `job` is training, and returns its stderr after checking it exited 130."""
     command = [sys.executable, "-m", "edgesmith", "batch", str(matrix), "--out", str(out), "--cache-dir",
-               str(cache), "--max-parallel", "1"]
+               str(cache), *options]
     # SIGINT as a terminal has it: a test run started in the background (nohup, `&` in a script) inherits it ignored,
     # and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(command, cwd=matrix.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    status = out / "jobs" / "mnist_cnn-width8__a" / "status.json"
+    status = out / "jobs" / job / "status.json"
     deadline = time.time() + 120
     while time.time() < deadline and not (status.exists() and "train" in status.read_text()):
         time.sleep(0.2)
@@ -248,6 +246,14 @@ def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "finished steps are cached" in stderr
+    return stderr
+
+
+def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
+    matrix = _batch_folder(tmp_path, [{"name": "mnist_cnn", "kwargs": {"width": 8}}],
+                           set=["stages.0.epochs=30"])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    _interrupt_in_training(matrix, out, cache, "mnist_cnn-width8__a", "--max-parallel", "1")
     jobs = _jobs(out)
     assert jobs["mnist_cnn-width8__a"]["status"] == "interrupted"
     assert jobs["mnist_cnn-width8__a"]["failed_step"] == "train (stage 1)"
@@ -257,3 +263,33 @@ def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     executed = _jobs(out)["mnist_cnn-width8__a"]["executed"]
     assert "model" not in executed and "train" in executed   # the finished step was kept
+
+
+def _ray_servers() -> set[int]:
+    """The pids of Ray's server processes (raylet, GCS) running on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and (b"/raylet/raylet " in command or b"/gcs/gcs_server " in command):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ray_batch_its_local_instance_with_it_and_the_next_run_resumes(tmp_path):
+    matrix = _batch_folder(tmp_path, [{"name": "mnist_cnn", "kwargs": {"width": 8}}],
+                           set=["stages.0.epochs=30"], executor={"kind": "ray"})
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    before = _ray_servers()
+    _interrupt_in_training(matrix, out, cache, "mnist_cnn-width8__a", "--only", "*__a")
+    assert _jobs(out)["mnist_cnn-width8__a"]["status"] == "interrupted"
+    assert _ray_servers() <= before   # the local instance the batch started is gone
+    assert list(cache.glob("model-*")) and not list(cache.glob("train-*"))
+    resumed = edgesmith("batch", str(matrix), "--out", str(out), "--cache-dir", str(cache), "--only", "*__a",
+                        "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    executed = _jobs(out)["mnist_cnn-width8__a"]["executed"]
+    assert "model" not in executed and "train" in executed
