@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 SPIN_COUNT = "10000"
+USER_CHOICES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")   # either one set by the user: left as it is
 
 
 def spin_count_default(environ: Mapping[str, str]) -> dict[str, str]:
     """The variable to add to `environ` ({} when the user chose a wait policy or spin count themselves)."""
-    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
+    if any(name in environ for name in USER_CHOICES):
         return {}
     return {"GOMP_SPINCOUNT": SPIN_COUNT}

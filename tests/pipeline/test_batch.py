@@ -228,8 +228,8 @@ def test_the_report_loads_in_headless_chromium_with_a_plot_per_device(fleet, tmp
     assert (out / "report.html").is_file()   # every batch writes its own
 
 
-def _interrupt_in_training(matrix: Path, out: Path, cache: Path, job: str, *options: str) -> str:
-    """Starts the batch, sends Ctrl-C once `job` is training, and returns its stderr after checking it exited 130."""
+def _interrupt_in_training(matrix: Path, out: Path, cache: Path, job: str, *options: str) -> None:
+    """Starts the batch, sends Ctrl-C once `job` is training, and checks that it exits 130 saying what it kept."""
     command = [sys.executable, "-m", "edgesmith", "batch", str(matrix), "--out", str(out), "--cache-dir",
                str(cache), *options]
     # SIGINT as a terminal has it: a test run started in the background (nohup, `&` in a script) inherits it ignored,
@@ -246,7 +246,6 @@ def _interrupt_in_training(matrix: Path, out: Path, cache: Path, job: str, *opti
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "finished steps are cached" in stderr
-    return stderr
 
 
 def test_ctrl_c_stops_the_batch_and_the_next_run_resumes(tmp_path):
@@ -269,11 +268,13 @@ def _ray_servers() -> set[int]:
     """The pids of Ray's server processes (raylet, GCS) running on this machine."""
     found = set()
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except (OSError, ValueError):
+        except OSError:   # the process ended meanwhile
             continue
-        if entry.name.isdigit() and (b"/raylet/raylet " in command or b"/gcs/gcs_server " in command):
+        if b"/raylet/raylet " in command or b"/gcs/gcs_server " in command:
             found.add(int(entry.name))
     return found
 

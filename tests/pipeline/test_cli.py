@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from edgesmith.pipeline.openmp_wait import SPIN_COUNT
+from edgesmith.pipeline.openmp_wait import SPIN_COUNT, USER_CHOICES
 from tests.conftest import FAST, REPO, chosen, edgesmith
 from tests.targets.conftest import tiny_cnn
 
@@ -245,7 +245,7 @@ def test_the_command_sets_libgomps_spin_count_before_torch_loads_unless_the_user
     probe = ("import json, os, sys\nfrom edgesmith.pipeline import cli\n"
              "cli.app = lambda: print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules])) or 0\n"
              "cli.entry()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in USER_CHOICES}
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env={**env, "PYTHONPATH": str(REPO), **user_setting})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from edgesmith.pipeline.openmp_wait import SPIN_COUNT
+from edgesmith.pipeline.openmp_wait import SPIN_COUNT, USER_CHOICES
 from edgesmith.pipeline.worker_server import PRELOAD, THREAD_VARIABLES
 from tests.conftest import REPO
 
@@ -34,7 +34,7 @@ PROBE = textwrap.dedent("""
 
 
 def _clean_environment(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARIABLES, *USER_CHOICES)}
     return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
