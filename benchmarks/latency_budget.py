@@ -144,13 +144,17 @@ def _table(model: str, budgeted: dict, tuned: dict, matched: dict, pruned_only: 
         stage = {k: search[k] for k in ("measured_p50_ms", "budget_ms", "unpruned_p50_ms", "speedup",
                                         "layer_ratios", "search")}
         budget_row = {"accuracy": lb["accuracy"], "accuracy_before_finetuning": before["lb"], "stage": stage,
-                      "trace": search["trace"], "p50_ms": p50[f"latency budget {f:.0%}"]}
+                      "trace": search["trace"], "choice": search.get("choice", []),
+                      "p50_ms": p50[f"latency budget {f:.0%}"]}
         rows.append({"budget": f, "latency_budget": budget_row,
                      "uniform": {"ratio": matched[f], "accuracy": un["accuracy"],
                                  "accuracy_before_finetuning": before["uniform"], "p50_ms": p50[f"uniform {f:.0%}"]},
                      "budget_met": met, "accuracy_gain": gain})
         print(f"  budget {f:.0%}: stage measured {search['measured_p50_ms']:.3f} ms ≤ {search['budget_ms']:.3f} ms "
               f"→ {'met' if met else 'MISSED'}; latency budget − uniform = {gain:+.2f} points")
+        for c in search.get("choice", []):   # the allocations the stage compared after a short fine-tune
+            print(f"    {'kept ' if c.get('chosen') else 'tried'} levels ≤ {c['cap'] or 'any':<5} "
+                  f"{c['measured_p50_ms']:.3f} ms, accuracy {c['finetuned_accuracy']:.2f} after a short fine-tune")
     return {"fp32": {"p50_ms": p50["fp32"], "accuracy": train_accuracy}, "rows": rows, "verdict": verdict}
 
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+from edgesmith.pipeline.progress import info
+
 _ADJUST_EVERY_S = 0.25     # a pause point comes every few milliseconds in training: adjusting costs a file listing
 _held = threading.local()   # this thread's open lock files (intent, host), whether exclusive, and nesting depth
 
@@ -77,6 +79,23 @@ def stepped_aside() -> Iterator[None]:
     finally:
         _pass_pending_measurement(intent)
         fcntl.flock(host, fcntl.LOCK_SH)
+
+
+@contextlib.contextmanager
+def one_job_at_a_time(path: Path, waiting: str) -> Iterator[None]:
+    """Around work that parallel jobs would each repeat (a latency table they all need): one job does it while the
+    others wait, their builds stepped aside meanwhile, then find it done. `waiting`: said when this job waits."""
+    with open(path.with_suffix(".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info(waiting)
+            with stepped_aside():
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -6,10 +6,11 @@ fine-tunes; on a 2-core host that is hours for mobilenet_v2. HALP's formulation 
 pruning levels once (cached per model, device, backend and precision) and solves the global trade-off in one
 multiple-choice knapsack. HALP adds up per-layer latencies; here the groups' latency ratios multiply instead (a
 layer's cost is the product of its input and output widths: measured on resnet18, summed milliseconds promised
-solutions a third of the latency they measured), and each group's effect is one fitted share (see Tables.share),
+solutions a third of the latency they measured), and each group's effect is one fitted share (latency_table.py),
 because on a shared host one group's effect is the size of the timing noise. What the model still gets wrong is
 measured: the solution is built, timed on the device, and the knapsack's target moved by the ratio it missed by,
 until a candidate is confirmed within the budget by a second measurement (NetAdapt's "measure, don't estimate").
+Which of a few such results a fine-tuning stage keeps is latency_choice.py's part.
 
 Importance is label-free and comparable across layers: the distillation loss of the pruned model's outputs against
 the unpruned model's, on calibration inputs, with one group pruned at a time (channels within a group chosen by the
@@ -17,15 +18,13 @@ stage's criterion: l1, l2 or taylor).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import shutil
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch.nn as nn
 
@@ -33,92 +32,14 @@ from edgesmith.errors import BudgetError
 from edgesmith.models import InputSpec
 from edgesmith.pipeline import host_lock
 from edgesmith.pipeline.cache import atomic_write_json, content_key
+from edgesmith.pipeline.latency_table import Group, Tables, capped, most_pruned, solve
 from edgesmith.pipeline.progress import info, progress_bar, warn
 from edgesmith.pipeline.versions import key_versions
 
-STEP = 0.002                # the knapsack's grid: 0.2 % steps of latency (in log ratio)
-MAX_SHARE = 0.95            # of the latency one group can scale (the rest is per-call overhead and other groups)
-SEARCH_VERSION = 4          # part of a latency-budget stage's cache key: a changed search re-runs it
+SEARCH_VERSION = 5          # part of a latency-budget stage's cache key: a changed search re-runs it
 CLOSE_ENOUGH = 0.95         # a candidate measuring within [95 %, 100 %] of the budget ends the search
 TABLE_FORMAT = 2
 TABLE_ROUNDS, SEARCH_ROUNDS = 3, 5   # interleaved rounds per measurement (median kept): a candidate's decides alone
-
-
-@dataclass(frozen=True)
-class Group:
-    """A dependency group: channels that must be pruned together, keyed by its root module's name (the key
-    `prune.layer_ratios` takes, so a search's result can be pasted into a ratio recipe). `levels`: the pruning
-    ratios it is measured at, those of the stage's levels that leave a different, non-zero channel count once
-    rounded to the targets' channel multiple (`kept`, per level)."""
-    name: str
-    channels: int
-    levels: tuple[float, ...]
-    kept: tuple[int, ...]
-
-
-def kept_channels(channels: int, ratio: float, round_to: int) -> int:
-    """The channels Torch-Pruning keeps of a group at `ratio`, rounded down to a multiple of `round_to`."""
-    kept = int(channels * (1 - ratio))
-    return kept - kept % round_to
-
-
-def group_levels(name: str, channels: int, levels: list[float], round_to: int) -> Group | None:
-    """The group with the levels that change it (None: none does, the group stays whole)."""
-    chosen, kept = [], []
-    for level in levels:
-        count = kept_channels(channels, level, round_to)
-        if 0 < count < (kept[-1] if kept else channels):
-            chosen.append(level)
-            kept.append(count)
-    return Group(name, channels, tuple(chosen), tuple(kept)) if chosen else None
-
-
-@dataclass
-class Tables:
-    unpruned_ms: float
-    most_pruned_ms: float
-    latency_ms: dict[str, list[float]]      # group → p50 with only that group pruned, per level of the group
-    damage: dict[str, list[float]] = field(default_factory=dict)   # group → distillation loss, per level
-    scale: float = 1.0                      # on every fitted share: see calibrate
-
-    def calibrate(self, groups: list[Group]) -> None:
-        """Scales every group's share so that the model predicts what the most pruned model measured. Noise makes
-        the fitted shares of many small groups too large together (a share is never below 0, so noise only adds),
-        and the layers between two groups make them too small for a few wide ones; one measured point of the
-        whole model anchors their sum."""
-        most = {g.name: g.levels[-1] for g in groups}
-        low, high = 0.0, 20.0
-        for _ in range(60):   # predicted latency falls as the scale grows: bisection
-            self.scale = (low + high) / 2
-            low, high = (self.scale, high) if self.predicted_ms(most, groups) > self.most_pruned_ms else \
-                (low, self.scale)
-
-    def fitted_share(self, group: Group) -> float:
-        """The fraction of the latency that scales with the group's width: a layer's cost is proportional to its
-        input and output widths, so with one group pruned alone the latency is `1 − share × pruned fraction` of the
-        unpruned model's. The median of the estimates its levels give: one group of mobilenet_v2's 25 moves the
-        latency by about as much as this host's timing noise (±5 %, and an ONNX Runtime session here now and then
-        runs 1.5× slower for its whole life), so each level's measurement taken as it is would sum 25 groups' noise
-        into savings that do not exist."""
-        estimates = [(1 - ms / self.unpruned_ms) / (1 - kept / group.channels)
-                     for ms, kept in zip(self.latency_ms[group.name], group.kept)]
-        return min(max(statistics.median(estimates), 0.0), MAX_SHARE)
-
-    def share(self, group: Group) -> float:
-        return min(self.fitted_share(group) * self.scale, MAX_SHARE)
-
-    def savings(self, group: Group) -> list[float]:
-        """−log of the latency ratio at each of the group's levels. Groups' ratios multiply (their logs add): two
-        groups pruned to half make a layer between them take a quarter, where adding the milliseconds each saves
-        alone would promise all of it (on resnet18 here, the additive model's solutions measured 1.5–3× the
-        latency it predicted)."""
-        share = self.share(group)
-        return [-math.log(1 - share * (1 - kept / group.channels)) for kept in group.kept]
-
-    def predicted_ms(self, ratios: dict[str, float], groups: list[Group]) -> float:
-        by_name = {g.name: g for g in groups}
-        return self.unpruned_ms * math.exp(-sum(self.savings(by_name[g])[by_name[g].levels.index(r)]
-                                                for g, r in ratios.items()))
 
 
 @dataclass
@@ -132,6 +53,7 @@ class Candidate:
     budget_ms: float          # the budget at this measurement (a speedup budget follows the unpruned model's p50)
     damage: float             # distillation loss against the unpruned model, before fine-tuning
     accuracy: float | None    # the task metric before fine-tuning (None: no metric applies)
+    cap: float | None = None  # the deepest level any group could take in this search (None: the last of the levels)
     final: dict | None = None   # measured again, exported as the run exports it (candidates within budget)
 
     @property
@@ -142,40 +64,6 @@ class Candidate:
     def confirmed(self) -> bool:
         """Within the budget, twice."""
         return self.within and self.final is not None and self.final["measured_p50_ms"] <= self.final["budget_ms"]
-
-
-def solve(groups: list[Group], tables: Tables, target_ms: float) -> dict[str, float] | None:
-    """The levels (group → ratio; unpruned groups left out) with the least summed damage whose predicted latency is
-    at most `target_ms`: a multiple-choice knapsack by dynamic programming over a grid of log-latency steps. None:
-    the table says no choice reaches it."""
-    need = round(math.log(tables.unpruned_ms / target_ms) / STEP) if target_ms > 0 else math.inf
-    if need == math.inf or need > round(sum(tables.savings(g)[-1] for g in groups) / STEP):
-        return None
-    if need <= 0:
-        return {}
-    best = [0.0] + [math.inf] * need           # best[j]: least damage saving at least j grid units so far
-    choices: list[list[int]] = []
-    for group in groups:
-        options = [(0, 0.0)] + [(round(s / STEP), d)
-                                for s, d in zip(tables.savings(group), tables.damage[group.name])]
-        new, picked = [math.inf] * (need + 1), [0] * (need + 1)
-        for j, damage in enumerate(best):
-            if damage == math.inf:
-                continue
-            for option, (units, cost) in enumerate(options):
-                k = min(need, j + units)
-                if damage + cost < new[k]:
-                    new[k], picked[k] = damage + cost, option * (need + 1) + j
-        best = new
-        choices.append(picked)
-    if best[need] == math.inf:
-        return None
-    ratios, j = {}, need
-    for group, picked in zip(reversed(groups), reversed(choices)):
-        option, j = divmod(picked[j], need + 1)
-        if option:
-            ratios[group.name] = group.levels[option - 1]
-    return ratios
 
 
 class LatencySearch:
@@ -194,10 +82,6 @@ class LatencySearch:
         self.table_cached = False
         self._files = 0
         self._unpruned_files: dict[bool, Path] = {}
-
-    @property
-    def most_pruned(self) -> dict[str, float]:
-        return {g.name: g.levels[-1] for g in self.groups}
 
     def _file(self, model: nn.Module, fast: bool = True) -> Path:
         self._files += 1
@@ -221,7 +105,9 @@ class LatencySearch:
         measurements, so an impossible budget costs two measurements."""
         path = self.probe.tables_dir / f"{self._table_key()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path):   # parallel jobs on one model and device: one measures, the others read its table
+        # parallel jobs on one model and device: one measures, the others read its table
+        with host_lock.one_job_at_a_time(path, f"  [cyan]…[/] latency table {path.name[:16]}… being measured by "
+                                         "another run; waiting for it"):
             tables = self._measured_or_cached(path, budget_of)
         tables.calibrate(self.groups)
         tables.damage = self._damage_table()
@@ -231,15 +117,16 @@ class LatencySearch:
         tables = self._cached(path)
         if tables is None:
             unpruned = self._unpruned(True)
-            ends = self._measure({"unpruned": unpruned, "most pruned": self._file(self.build(self.most_pruned))})
+            deepest = self._file(self.build(most_pruned(self.groups)))
+            ends = self._measure({"unpruned": unpruned, "most pruned": deepest})
             tables = Tables(ends["unpruned"], ends["most pruned"], {})
             if budget_of:
-                self.check_reachable(tables, budget_of(tables.unpruned_ms))
+                self.check_reachable(tables, budget_of)
             self._measure_groups(tables, unpruned)
             atomic_write_json(path, {"format": TABLE_FORMAT, "key": path.stem,
                                      "groups": [asdict(g) for g in self.groups], **asdict(tables)})
         elif budget_of:
-            self.check_reachable(tables, budget_of(tables.unpruned_ms))
+            self.check_reachable(tables, budget_of)
         return tables
 
     def _table_key(self) -> str:
@@ -287,40 +174,56 @@ class LatencySearch:
     def _damage_table(self) -> dict[str, list[float]]:
         return {g.name: [self.damage(self.build({g.name: level})) for level in g.levels] for g in self.groups}
 
-    def check_reachable(self, tables: Tables, budget_ms: float) -> None:
-        if budget_ms < tables.most_pruned_ms:
+    def check_reachable(self, tables: Tables, budget_of: Callable[[float], float]) -> None:
+        """Refuses a budget below what the most pruned model allowed measures, measured twice (the table's, then
+        now beside the unpruned model): one slow measurement, cached in a table, refused mobilenet_v2 at 30 % of its
+        latency with a floor of 38 % that its searches then measured at 24–26 %. Where the second finds the budget
+        within reach, it anchors the table's calibration instead (else the knapsack would see nothing but the most
+        pruned model within the budget)."""
+        if budget_of(tables.unpruned_ms) >= tables.most_pruned_ms:
+            return
+        again = self._measure({"most pruned": self._file(self.build(most_pruned(self.groups))),
+                               "unpruned": self._unpruned(True)}, SEARCH_ROUNDS)
+        budget_ms, floor = budget_of(again["unpruned"]), again["most pruned"]
+        if budget_ms < floor:
             raise BudgetError(
                 f"prune.latency: a p50 of {budget_ms:.3g} ms on {self.probe.label} is out of reach: the most pruned "
-                f"model allowed (every layer group at its deepest prune.latency.levels) measures "
-                f"{tables.most_pruned_ms:.3g} ms (unpruned {tables.unpruned_ms:.3g} ms); ask for at least "
-                f"{tables.most_pruned_ms:.3g} ms, or allow deeper pruning with a larger last prune.latency.levels")
+                f"model allowed (every layer group at its deepest prune.latency.levels) measures {floor:.3g} ms "
+                f"(unpruned {again['unpruned']:.3g} ms); ask for at least {floor:.3g} ms, or allow deeper pruning "
+                "with a larger last prune.latency.levels")
+        tables.most_pruned_ms = tables.unpruned_ms * floor / again["unpruned"]
+        if tables.latency_ms:   # a table being measured is calibrated once its groups are
+            tables.calibrate(self.groups)
 
     # -- the measured search ------------------------------------------------------------------------------------
-    def search(self, tables: Tables, budget_of: Callable[[float], float], iterations: int) \
-            -> tuple[list[Candidate], Candidate, dict]:
+    def search(self, tables: Tables, budget_of: Callable[[float], float], iterations: int,
+               cap: float | None = None) -> tuple[list[Candidate], Candidate, dict]:
         """Knapsack solutions measured on the device, the target moved by each miss (bisected once targets on both
         sides are known). A candidate within the budget is measured again, exported as the run exports it, to be
         confirmed (timing noise here: ±5 % between two measurements of one file). Stops at a confirmed candidate
         within [CLOSE_ENOUGH, 1] × budget, when the knapsack's answer stops changing, or after `iterations`.
-        Returns the trace, the least damaged confirmed candidate and its final measurement."""
+        Returns the trace, the least damaged confirmed candidate and its final measurement. `cap`: no group pruned
+        deeper than this level."""
         budget = budget_of(tables.unpruned_ms)
-        self.check_reachable(tables, budget)
+        self.check_reachable(tables, budget_of)
+        groups = capped(self.groups, cap)
         target, below, above = budget, None, None   # knapsack targets whose candidate was confirmed / over budget
         trace: list[Candidate] = []
         previous, last = None, None
         for iteration in range(1, iterations + 1):
-            ratios = self._solution(tables, target)
+            ratios = self._solution(tables, target, groups)
             if ratios == previous and last.confirmed:
                 break   # the target moved and the knapsack's answer did not: converged
-            while ratios == previous and ratios != self.most_pruned:   # over budget: ask for a little more
+            while ratios == previous and ratios != most_pruned(groups):   # over budget: ask for a little more
                 target *= 0.98
-                ratios = self._solution(tables, target)
+                ratios = self._solution(tables, target, groups)
             if ratios == previous:
                 break   # even the most pruned model measured over budget
             previous = ratios
             candidate = next((c for c in trace if c.ratios == ratios), None)
             if candidate is None:
                 candidate = self._candidate(iteration, target, ratios, tables, budget_of)
+                candidate.cap = cap
                 trace.append(candidate)
             last = candidate
             if candidate.within and candidate.final is None:
@@ -346,9 +249,9 @@ class LatencySearch:
                           f"{len(trace)} tries (closest {closest.measured_ms:.4g} ms for {closest.budget_ms:.4g} ms); "
                           "raise prune.latency.iterations or loosen the budget")
 
-    def _solution(self, tables: Tables, target: float) -> dict[str, float]:
-        ratios = solve(self.groups, tables, target)
-        return self.most_pruned if ratios is None else ratios
+    def _solution(self, tables: Tables, target: float, groups: list[Group]) -> dict[str, float]:
+        ratios = solve(groups, tables, target)
+        return most_pruned(groups) if ratios is None else ratios
 
     def _unpruned(self, fast: bool) -> Path:
         if fast not in self._unpruned_files:
@@ -378,21 +281,6 @@ def _slack(candidate: Candidate) -> float:
     if candidate.final:
         timings.append((candidate.final["budget_ms"], candidate.final["measured_p50_ms"]))
     return min(budget / measured for budget, measured in timings)
-
-
-@contextlib.contextmanager
-def _exclusive(table: Path) -> Iterator[None]:
-    with open(table.with_suffix(".lock"), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info(f"  [cyan]…[/] latency table {table.name[:16]}… being measured by another run; waiting for it")
-            with host_lock.stepped_aside():
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def trace_record(candidates: list[Candidate]) -> list[dict]:

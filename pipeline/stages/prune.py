@@ -26,7 +26,9 @@ from edgesmith.pipeline.cache import atomic_write_json
 from edgesmith.pipeline.config import DistillConfig, FinetuneConfig, Strict
 from edgesmith.pipeline.data import Dataset
 from edgesmith.pipeline.evaluate import feeds, model_size, top1_applies, torch_accuracy
-from edgesmith.pipeline.latency_search import Group, LatencySearch, group_levels, trace_record
+from edgesmith.pipeline.latency_choice import choose_after_finetuning
+from edgesmith.pipeline.latency_search import LatencySearch, trace_record
+from edgesmith.pipeline.latency_table import Group, group_levels
 from edgesmith.pipeline.model_source import output_tensors
 from edgesmith.pipeline.progress import info, warn
 from edgesmith.pipeline.stages import StageContext, StageResult, heads, stage
@@ -53,7 +55,9 @@ class LatencyBudget(Strict):
     levels: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default=[0.25, 0.5, 0.75], min_length=1, max_length=8)
     iterations: int = Field(default=8, ge=1)          # measured candidates at most, per budget
     minimise_steps: int = Field(default=4, ge=1)      # minimise: bisection steps over the latency
-    search_epochs: int = Field(default=1, ge=1)       # minimise: fine-tuning before a candidate's accuracy is read
+    search_epochs: int = Field(default=1, ge=1)       # fine-tuning before a candidate is scored (choices, minimise)
+    # with prune.finetune: allocations compared after a short fine-tune (pipeline/latency_choice.py); 1: the knapsack's
+    choices: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -197,8 +201,12 @@ def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, b
     budget, probe, start = cfg.latency, ctx.latency_probe, time.time()
     if probe is None:
         raise ModelError("prune.latency needs the run's device measurement; run it through edgesmith run")
+    # validation inputs score the short fine-tunes (latency_choice.py); training inputs where there are none
+    held_out = [xs for xs, _ in itertools.islice(data.batches(data.val, _CALIBRATION_BATCH), _CALIBRATION_BATCHES)] \
+        or batches
     with torch.no_grad():
         reference = [output_tensors(model.eval()(*xs)) for xs in batches]
+        held_out_reference = [output_tensors(model(*xs)) for xs in held_out]
     distillation = cfg.finetune.distillation if cfg.finetune else DistillConfig()
 
     def build(ratios: dict[str, float]) -> nn.Module:
@@ -212,10 +220,21 @@ def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, b
             recalibrate_batchnorm(pruned, batches)
         return pruned.eval()
 
-    def damage(pruned: nn.Module) -> float:
+    def damage(pruned: nn.Module, inputs: list = batches, outputs: list = reference) -> float:
         with torch.no_grad():
             return float(torch.stack([distillation_loss(output_tensors(pruned(*xs)), target, distillation)
-                                      for xs, target in zip(batches, reference)]).mean())
+                                      for xs, target in zip(inputs, outputs)]).mean())
+
+    def briefly_finetuned(ratios: dict[str, float], label: str) -> nn.Module:
+        """A candidate as the search scores it: pruned, then fine-tuned `search_epochs` if the stage fine-tunes."""
+        pruned = build(ratios)
+        if cfg.finetune:
+            _finetune(pruned, data, cfg.finetune.model_copy(update={"epochs": budget.search_epochs}), ctx, label)
+        return pruned.eval()
+
+    def finetuned_score(ratios: dict[str, float]) -> tuple[float, float | None]:
+        pruned = briefly_finetuned(ratios, "prune choice fine-tune")
+        return damage(pruned, held_out, held_out_reference), accuracy(pruned)
 
     def accuracy(pruned: nn.Module) -> float | None:
         return torch_accuracy(pruned, data, ctx.eval_batch_size, ctx.metric)
@@ -229,12 +248,17 @@ def _latency_search(cfg: PruneStage, model: nn.Module, example, data: Dataset, b
                                calibration=[feeds(xs, ctx.specs) for xs in batches])
         batch = probe.bench.batch_size
         if budget.minimise:
-            found = _minimise(search, budget, model, data, ctx, cfg.finetune, build, accuracy)
+            found = _minimise(search, budget, model, ctx, briefly_finetuned, accuracy)
         else:
             budget_of = functools.partial(budget.budget_ms, batch_size=batch)
             tables = search.tables(budget_of)
-            trace, chosen, final = search.search(tables, budget_of, budget.iterations)
-            found = {"tables": tables, "trace": trace, "chosen": chosen, "final": final}
+            found = search.search(tables, budget_of, budget.iterations)
+            compared = []
+            if cfg.finetune and budget.choices > 1:
+                found, compared = choose_after_finetuning(search, tables, budget_of, budget.iterations, found,
+                                                          budget.choices, finetuned_score)
+            trace, chosen, final = found
+            found = {"tables": tables, "trace": trace, "chosen": chosen, "final": final, "choice": compared}
     return _search_record(cfg, probe, search, found, ctx, start)
 
 
@@ -259,8 +283,8 @@ def _prunable_groups(model: nn.Module, example, cfg: PruneStage, ctx: StageConte
     return found
 
 
-def _minimise(search: LatencySearch, budget: LatencyBudget, model: nn.Module, data: Dataset, ctx: StageContext,
-              finetune: FinetuneConfig | None, build, accuracy) -> dict:
+def _minimise(search: LatencySearch, budget: LatencyBudget, model: nn.Module, ctx: StageContext,
+              briefly_finetuned, accuracy) -> dict:
     """The fastest model within budget.max_accuracy_drop: a bisection over the latency (as a fraction of the
     unpruned model's), each step a latency-budget search whose result is fine-tuned briefly (search_epochs) and
     scored with the task metric."""
@@ -279,11 +303,7 @@ def _minimise(search: LatencySearch, budget: LatencyBudget, model: nn.Module, da
             steps.append({"fraction": fraction, "error": str(exc)})
             low = fraction
             continue
-        candidate = build(chosen.ratios)
-        if finetune:
-            _finetune(candidate, data, finetune.model_copy(update={"epochs": budget.search_epochs}), ctx,
-                      f"prune search {step}/{budget.minimise_steps}")
-        score = accuracy(candidate)
+        score = accuracy(briefly_finetuned(chosen.ratios, f"prune search {step}/{budget.minimise_steps}"))
         within = reference - score <= ctx.max_accuracy_drop
         steps.append({"fraction": fraction, "layer_ratios": chosen.ratios, "measured_ms": final["measured_p50_ms"],
                       "accuracy": score, "within_accuracy_budget": within, "candidates": trace_record(trace)})
@@ -311,7 +331,7 @@ def _search_record(cfg: PruneStage, probe, search: LatencySearch, found: dict, c
         "search": {"file": SEARCH_FILE, "seconds": round(time.time() - start, 1), "groups": len(search.groups),
                    "levels": cfg.latency.levels, "table_cached": search.table_cached,
                    "measurements": search.measurements, "candidates": len(trace)},
-        "trace": trace_record(trace)}
+        "trace": trace_record(trace), "choice": found.get("choice", [])}
     if ctx.out_dir is not None:
         atomic_write_json(ctx.out_dir / SEARCH_FILE, {
             **summary, "groups": [dataclasses.asdict(g) for g in search.groups],

@@ -12,16 +12,10 @@ from edgesmith import models
 from edgesmith.errors import BudgetError, RecipeError
 from edgesmith.pipeline.bench import onnx_precision
 from edgesmith.pipeline.config import BenchConfig, CompileConfig, ExportConfig
+from edgesmith.pipeline.latency_choice import caps_to_try, choose_after_finetuning
 from edgesmith.pipeline.latency_probe import LatencyProbe, latency_device
-from edgesmith.pipeline.latency_search import (
-    Candidate,
-    Group,
-    LatencySearch,
-    Tables,
-    group_levels,
-    kept_channels,
-    solve,
-)
+from edgesmith.pipeline.latency_search import Candidate, LatencySearch
+from edgesmith.pipeline.latency_table import Group, Tables, group_levels, kept_channels, solve
 from edgesmith.pipeline.model_source import load_model_artifact
 from edgesmith.pipeline.recipe import load_recipe
 from edgesmith.pipeline.run import LATENCY_TABLES, run
@@ -119,6 +113,85 @@ def test_a_candidate_that_fails_its_confirmation_moves_the_search_to_faster_ones
     assert search.timed == [dict(a), dict(b), dict(c)]   # each timed once, a never again
 
 
+def test_capped_allocations_that_fine_tune_better_are_chosen_over_the_knapsacks():
+    groups = [_group(name) for name in "abc"]
+    tables = _tables({"a": [8.0, 6.0], "b": [9.5, 9.0], "c": [8.5, 7.0]},
+                     {"a": [0.1, 0.3], "b": [0.5, 2.0], "c": [0.2, 0.9]}, most_pruned=3.78)
+    tables.calibrate(groups)
+    knapsack, spread = (("a", 0.5),), (("a", 0.25), ("b", 0.25), ("c", 0.25))
+    # every group at 0.25 predicts 10 × 0.8 × 0.95 × 0.85 = 6.46 ms: within 6.5, not within 6
+    assert caps_to_try(groups, tables, 6.5, dict(knapsack), 2) == [0.25]
+    assert caps_to_try(groups, tables, 6.0, dict(knapsack), 2) == []
+    assert caps_to_try(groups, tables, 6.5, dict(spread), 2) == []     # nothing below the knapsack's deepest level
+    wide = [_group(name, (0.2, 0.4, 0.6, 0.8)) for name in "ab"]
+    table = Tables(10.0, 1.0, {name: [9.0, 8.0, 7.0, 6.0] for name in "ab"})
+    table.calibrate(wide)
+    assert [caps_to_try(wide, table, 9.0, {"a": 0.8}, n) for n in (1, 2, 3)] == [[0.2], [0.2, 0.6], [0.2, 0.4, 0.6]]
+
+    for better, chosen in ((spread, spread), (knapsack, knapsack)):
+        search = _ReplayedSearch(groups, {r: ((6.3, 6.5), (6.4, 6.5)) for r in (knapsack, spread)})
+        found = search.search(tables, lambda unpruned_ms: 6.5, iterations=4)
+        scored = []
+
+        def score(ratios, better=better, scored=scored):   # the distillation loss after a short fine-tune
+            scored.append(ratios)
+            return (0.1 if tuple(sorted(ratios.items())) == better else 0.2), None
+
+        (trace, best, final), compared = choose_after_finetuning(search, tables, lambda unpruned_ms: 6.5, 4, found,
+                                                                 3, score)
+        assert best.ratios == dict(chosen) and final["measured_p50_ms"] == 6.4
+        assert [c["cap"] for c in compared] == [None, 0.25] and scored == [dict(knapsack), dict(spread)]
+        assert [c["layer_ratios"] for c in compared if c.get("chosen")] == [dict(chosen)]
+        assert [c.ratios for c in trace] == [dict(knapsack), dict(spread)] and trace[1].cap == 0.25
+    # with a task metric, the metric decides (the loss breaks ties)
+    found = search.search(tables, lambda unpruned_ms: 6.5, iterations=4)
+    (_, best, _), _ = choose_after_finetuning(search, tables, lambda unpruned_ms: 6.5, 4, found, 3, lambda ratios: (
+        (0.1, 90.0) if tuple(sorted(ratios.items())) == knapsack else (0.2, 91.0)))
+    assert best.ratios == dict(spread)
+    # a cap the device measures over the budget is left out: the knapsack's stands, with nothing to compare
+    search = _ReplayedSearch(groups, {knapsack: ((6.3, 6.5), (6.4, 6.5)), spread: ((7.0, 6.5), None)})
+    found = search.search(tables, lambda unpruned_ms: 6.5, iterations=4)
+    (_, best, _), compared = choose_after_finetuning(search, tables, lambda unpruned_ms: 6.5, 4, found, 3, None)
+    assert best.ratios == dict(knapsack) and compared == []
+
+
+class _Remeasured(LatencySearch):
+    """A search whose every measurement returns `again`."""
+
+    def __init__(self, groups, again):
+        super().__init__(groups=groups, probe=SimpleNamespace(label="x86-host onnxruntime/fp32"), specs=(),
+                         build=lambda ratios: None, damage=None, accuracy=None, calibration=[], work=Path("."),
+                         fingerprint="f")
+        self.again, self.measured = again, 0
+
+    def _file(self, model, fast=True):
+        return Path("m.onnx")
+
+    def _measure(self, files, rounds=3):
+        self.measured += 1
+        return self.again
+
+
+def test_a_budget_is_refused_only_when_the_most_pruned_model_measures_over_it_again():
+    groups = [_group("a", (0.25, 0.75)), _group("b", (0.25, 0.75))]
+    # the table's most pruned model: 4 of 10 ms (a slow session); each group alone scales 60 % of the latency
+    tables = Tables(10.0, 4.0, {"a": [8.5, 5.5], "b": [8.5, 5.5]})
+    search = _Remeasured(groups, {"most pruned": 5.2, "unpruned": 20.0})
+    search.check_reachable(tables, lambda unpruned_ms: unpruned_ms * 0.3)   # 3 ms: within reach, measured again
+    assert tables.most_pruned_ms == pytest.approx(2.6)    # 26 % of the unpruned model, which now anchors the shares
+    assert tables.predicted_ms({"a": 0.75, "b": 0.75}, groups) == pytest.approx(2.6)
+    search.check_reachable(tables, lambda unpruned_ms: unpruned_ms * 0.5)   # 5 ms: the table's will do
+    assert search.measured == 1
+    being_measured = Tables(10.0, 4.0, {})    # its groups are measured next, then it is calibrated
+    search.check_reachable(being_measured, lambda unpruned_ms: unpruned_ms * 0.3)
+    assert being_measured.most_pruned_ms == pytest.approx(2.6)
+    tables = Tables(10.0, 4.0, {"a": [8.5, 5.5], "b": [8.5, 5.5]})
+    search = _Remeasured(groups, {"most pruned": 3.8, "unpruned": 11.0})
+    with pytest.raises(BudgetError, match=r"a p50 of 3.3 ms .* measures 3.8 ms \(unpruned 11 ms\); ask for at "
+                                          r"least 3.8 ms"):
+        search.check_reachable(tables, lambda unpruned_ms: unpruned_ms * 0.3)
+
+
 def _every_choice(groups):
     combos = [{}]
     for g in groups:
@@ -192,6 +265,14 @@ def test_the_budget_is_met_as_measured_and_the_table_is_reused(tmp_path):
     groups = {g["name"]: g for g in search["groups"]}
     for name, ratio in budget["layer_ratios"].items():
         assert modules[name].out_channels == kept_channels(groups[name]["channels"], ratio, 8)
+    # with fine-tuning, capped allocations were searched too and the one that fine-tuned best was kept
+    choice = budget["choice"]
+    if choice:
+        assert choice[0]["cap"] is None and all(c["cap"] < max(choice[0]["layer_ratios"].values()) for c in choice[1:])
+        kept = [c for c in choice if c.get("chosen")]
+        assert len(kept) == 1 and kept[0]["layer_ratios"] == budget["layer_ratios"]
+        assert kept[0]["finetuned_accuracy"] == max(c["finetuned_accuracy"] for c in choice)
+    assert budget["search"]["candidates"] == len(budget["trace"]) >= len(choice)
     # another budget on the same architecture and device: the table is read, not measured again
     again = _prune_row(_run(tmp_path, "b", "{target: x86-host, speedup: 1.1, levels: [0.25, 0.5]}"))["latency_budget"]
     assert again["search"]["table_cached"]
