@@ -32,8 +32,8 @@ def caps_to_try(groups: list[Group], tables: Tables, budget_ms: float, ratios: d
     deepest = max(ratios.values(), default=0.0)
     reachable = [cap for cap in sorted({level for g in groups for level in g.levels}) if cap < deepest and
                  (held := capped(groups, cap)) and tables.predicted_ms(most_pruned(held), groups) <= budget_ms]
-    if count <= 0 or len(reachable) <= count:
-        return reachable[:max(count, 0)]
+    if len(reachable) <= count:
+        return reachable
     picks = {round(i * (len(reachable) - 1) / max(count - 1, 1)) for i in range(count)}
     return [reachable[i] for i in sorted(picks)]
 
