@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +22,14 @@ from rich import box
 from rich.live import Live
 from rich.table import Table
 
-from edgesmith.errors import EdgesmithError, first_line
+from edgesmith.errors import first_line
 from edgesmith.pipeline import progress, report, worker_server
 from edgesmith.pipeline.batch_job import STATUS_FILE, STOP_FILE, Outcome, cores, run_job, unfinished, warm_up
 from edgesmith.pipeline.cache import atomic_write_json, atomic_write_text
 from edgesmith.pipeline.html_report import pyplot, render_report
 from edgesmith.pipeline.job_order import JobQueue
 from edgesmith.pipeline.matrix import ExecutorConfig, Job, Matrix, expand, load_matrix
+from edgesmith.pipeline.ray_instance import RayInstance, instance_for, refuse_unauthenticated_local_ray
 
 _GB = 1 << 30
 _MEMORY_PER_JOB = 3 * _GB       # a training job's resident peak here is 1.5–2.5 GB (torch, ORT, the data)
@@ -100,7 +101,10 @@ def run_batch(matrix_file: Path, out_dir: Path | None, cache_dir: Path, *, execu
     finally:
         result = BatchResult(out, [outcomes.get(j.label) or unfinished(j, out, "failed", "did not run")
                                    for j in jobs], cfg.kind, parallel, time.time() - started)
-        write_results(result, matrix)
+        try:
+            write_results(result, matrix)
+        finally:
+            pool.close()   # Ray's instance stopped meanwhile: waited for here
     return result
 
 
@@ -131,6 +135,9 @@ class LocalExecutor:
 
     def __init__(self, parallel: int):
         self.parallel = parallel
+
+    def close(self) -> None:
+        pass   # the pool is shut down when run returns
 
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
         queue, crashes = None, Counter()
@@ -207,45 +214,23 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def refuse_unauthenticated_local_ray() -> None:
-    """A local Ray instance's servers (GCS, raylet, workers) listen on every interface: only Ray's token
-    authentication (on by default for local instances since Ray 2.59; the token is in ~/.ray/auth_token) keeps out
-    whoever reaches this machine, so a batch does not start one with it turned off."""
-    mode = os.environ.get("RAY_AUTH_MODE", "token")
-    if mode.lower() != "token":
-        raise EdgesmithError(f"executor ray: RAY_AUTH_MODE={mode} would start a local Ray instance that anyone "
-                             "reaching this machine can run code on: unset RAY_AUTH_MODE or set it to token")
-
-
-def start_ray(address: str | None) -> None:
-    """Joins the cluster at `address`, or starts a local instance (with token authentication). No dashboard."""
-    import ray
-
-    if address is None:
-        refuse_unauthenticated_local_ray()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="warning")
-
-
 class RayExecutor:
     """Each job is a Ray task declaring its CPUs and GPUs. Without an address a local Ray instance is started (and
-    stopped at the end); with one (`auto`, `ray://head:10001`) the batch joins that cluster. The cache and the
-    batch folder must be paths every worker can read and write (a shared file system)."""
+    stopped at the end); with one (`auto`, `ray://head:10001`) the batch joins that cluster (ray_instance.py). The
+    cache and the batch folder must be paths every worker can read and write (a shared file system)."""
 
     def __init__(self, cfg: ExecutorConfig, parallel: int, cpus: float):
         if cfg.address is None:   # before any output or work
             refuse_unauthenticated_local_ray()
         self.cfg, self.parallel, self.cpus = cfg, parallel, cpus
+        self.instance: RayInstance | None = None
 
     def run(self, jobs: list[Job], args: tuple, outcomes: dict[str, Outcome], update: Update) -> None:
         import ray
 
-        started_here = not ray.is_initialized()
-        with ThreadPoolExecutor(1) as thread:
-            ordering = thread.submit(JobQueue, jobs)   # while Ray starts (3 s here)
-            if started_here:
-                with progress.quiet("ray", hide_stderr=True):
-                    start_ray(self.cfg.address)
-            queue, running = ordering.result(), {}
+        self.instance = instance_for(self.cfg.address)
+        queue, running = JobQueue(jobs), {}   # the jobs' weights (1.5 s of this core) while Ray starts
+        self.instance.ready()
         task = ray.remote(run_job).options(num_cpus=self.cpus, num_gpus=self.cfg.resources.gpus, max_retries=0)
         try:
             while queue or running:
@@ -266,8 +251,11 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             raise
         finally:
-            if started_here:
-                ray.shutdown()
+            self.instance.release()   # Ray stops while the driver writes the results
+
+    def close(self) -> None:
+        if self.instance is not None:
+            self.instance.close()
 
 
 # ------------------------------------------------------------------------------------------- progress and output

@@ -153,14 +153,8 @@ def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
         Console(stderr=True).print(f"[bold red]error:[/] --executor {escape(executor)}: choose local or ray",
                                    highlight=False)
         raise typer.Exit(2)
-    if _runs_in_local_pool(matrix, executor, ray_address):
-        from edgesmith.pipeline import worker_server
-
-        try:
-            worker_server.start()   # its imports run on another core while this process imports and validates
-        except OSError:
-            pass   # the pool tries again when it starts, and reports what fails then
-    with _user_errors(debug):
+    _start_executor_early(matrix, executor, ray_address)
+    with _closing_early_ray(), _user_errors(debug):   # the error's line first, then Ray stops
         import edgesmith
         from edgesmith.pipeline.batch import summary_table
 
@@ -176,16 +170,41 @@ def batch(matrix: Path = typer.Argument(..., metavar="MATRIX",
             raise typer.Exit(1)
 
 
-def _runs_in_local_pool(matrix: Path, executor: str | None, ray_address: str | None) -> bool:
-    """Whether the batch's jobs will run in the local pool, read before the matrix is validated (a file that cannot
-    be read here is reported by the validation: no pool is started for it)."""
-    if executor or ray_address:
-        return executor == "local"
+def _executor_read_early(matrix: Path, executor: str | None, ray_address: str | None) -> tuple[str, str | None]:
+    """The executor kind and Ray address the batch will use, read before the matrix is validated (`none` for a
+    file that cannot be read: the validation reports what is wrong with it, and nothing is started for it)."""
     try:
         section = yaml.safe_load(matrix.read_text(encoding="utf-8")).get("executor") or {}
-        return section.get("kind", "local") == "local"
+        address = ray_address or section.get("address")
+        return executor or ("ray" if ray_address else section.get("kind", "local")), address
     except Exception:
-        return False
+        return "none", None
+
+
+def _start_executor_early(matrix: Path, executor: str | None, ray_address: str | None) -> None:
+    """The local pool's worker server, or Ray, starts on another core while this process imports and validates."""
+    kind, address = _executor_read_early(matrix, executor, ray_address)
+    if kind == "local":
+        from edgesmith.pipeline import worker_server
+
+        try:
+            worker_server.start()
+        except OSError:
+            pass   # the pool tries again when it starts, and reports what fails then
+    elif kind == "ray" and isinstance(address, (str, type(None))):
+        from edgesmith.pipeline import ray_instance
+
+        ray_instance.start_early(address)
+
+
+@contextmanager
+def _closing_early_ray():
+    """A Ray instance started early and not taken by the batch (the matrix was refused) is stopped before exit."""
+    try:
+        yield
+    finally:
+        if "edgesmith.pipeline.ray_instance" in sys.modules:
+            sys.modules["edgesmith.pipeline.ray_instance"].close_early()
 
 
 @app.command()

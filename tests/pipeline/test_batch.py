@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from edgesmith.pipeline import host_lock
-from edgesmith.pipeline.batch import start_ray
 from edgesmith.pipeline.batch_job import STATUS_FILE, share_cores, threads_now
+from edgesmith.pipeline.ray_instance import start_ray
 from edgesmith.pipeline.report import FLAT_COLUMNS
 from tests.conftest import REPO, edgesmith
 
@@ -277,6 +277,18 @@ def _ray_servers() -> set[int]:
         if b"/raylet/raylet " in command or b"/gcs/gcs_server " in command:
             found.add(int(entry.name))
     return found
+
+
+def test_a_refused_ray_matrix_stops_the_instance_started_while_it_was_validated(tmp_path):
+    """The command starts Ray before it validates the matrix (ray_instance.py): a matrix it then refuses gets its one
+    line and exit 2, and leaves no Ray server behind."""
+    matrix = _batch_folder(tmp_path, [{"name": "mnist_cnm"}], executor={"kind": "ray"})
+    before = _ray_servers()
+    proc = edgesmith("batch", str(matrix), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                     cwd=tmp_path)
+    assert proc.returncode == 2 and "mnist_cnm" in proc.stderr, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _ray_servers() <= before
 
 
 @pytest.mark.slow

@@ -222,20 +222,23 @@ def test_user_errors_are_one_line_with_exit_code_2(case, tmp_path):
         assert ("weights server unreachable" if case == "factory raises" else "x.sum() > 0") in debug.stderr
 
 
-def test_the_batch_command_starts_its_worker_server_only_for_a_local_pool(tmp_path):
-    """`edgesmith batch` starts the local pool's worker server before validating (it imports meanwhile): not for
-    Ray, and not for a file it cannot read (validation says what is wrong with it)."""
-    from edgesmith.pipeline.cli import _runs_in_local_pool
+def test_the_batch_command_reads_which_executor_to_start_before_validating(tmp_path):
+    """`edgesmith batch` starts the local pool's worker server, or Ray, before validating (they start meanwhile):
+    the command line's choice over the matrix's, and nothing for a file it cannot read (validation says what is
+    wrong with it)."""
+    from edgesmith.pipeline.cli import _executor_read_early as read
 
     local, ray, broken = tmp_path / "local.yaml", tmp_path / "ray.yaml", tmp_path / "broken.yaml"
     local.write_text("name: fleet\nrecipe: base.yaml\n")
-    ray.write_text("name: fleet\nrecipe: base.yaml\nexecutor: {kind: ray}\n")
+    ray.write_text("name: fleet\nrecipe: base.yaml\nexecutor: {kind: ray, address: auto}\n")
+    broken.write_text("name: fleet\nexecutor: ray\n")
+    assert read(local, None, None) == ("local", None) and read(ray, None, None) == ("ray", "auto")
+    assert read(ray, "local", None)[0] == "local" and read(local, "ray", None) == ("ray", None)
+    assert read(local, None, "ray://head:10001") == ("ray", "ray://head:10001")   # an address means Ray
+    for unreadable in (broken, tmp_path / "missing.yaml"):
+        assert read(unreadable, None, None)[0] == "none"
     broken.write_text("name: [unclosed\n")
-    assert _runs_in_local_pool(local, None, None) and not _runs_in_local_pool(ray, None, None)
-    assert _runs_in_local_pool(ray, "local", None) and not _runs_in_local_pool(local, "ray", None)
-    assert not _runs_in_local_pool(local, None, "auto")   # an address means Ray
-    assert not _runs_in_local_pool(broken, None, None)
-    assert not _runs_in_local_pool(tmp_path / "missing.yaml", None, None)
+    assert read(broken, None, None)[0] == "none"
 
 
 @pytest.mark.parametrize("user_setting, expected", [({}, SPIN_COUNT), ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
