@@ -9,7 +9,8 @@ of 2 and 3.33 on x86-host with ONNX Runtime FP32):
 1. `prune: {latency: {target, speedup}}` runs the measured search and fine-tunes (distilled) — the stage records
    its own final measurement against the budget;
 2. uniform pruning is tuned to the same measured p50: prune-only runs over a grid of ratios, their ONNX files timed
-   side by side with the latency-budget model's, the ratio whose p50 is closest is fine-tuned the same way;
+   side by side with the latency-budget model's, the ratio whose p50 on a non-increasing fit over the grid is
+   closest is fine-tuned the same way;
 3. FP32, both pruned models are timed side by side (interleaved rounds) and their accuracies read from the runs,
    after the fine-tuning and before it ("before ft": the pruned model with re-estimated BatchNorm statistics —
    what the search chose from; MNIST after fine-tuning sits near its ceiling).
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.isotonic import IsotonicRegression
 
 from edgesmith.benchmarks.compression import main, pipeline_runs, side_by_side
 
@@ -91,11 +93,12 @@ def compare(model: str, work: Path, cache: Path, quick: bool) -> dict:
     uniform_grid = pipeline_runs(grid, work, cache)
     files = {label: out / "stages/02-prune/onnx/model.onnx" for label, (out, _) in {**budgeted, **uniform_grid}.items()}
     p50 = side_by_side(files, batch=1, runs=100)
-    matched = {}
-    for f in budgets:
-        label = f"{model}-lb{int(f * 100)}"
-        uniform = min(grid, key=lambda u: abs(p50[u] - p50[label]))  # noqa: B023
-        matched[f] = float(UNIFORM_GRID[list(grid).index(uniform)])
+    # more pruning is never slower: a non-increasing fit over the whole grid averages out one point's noisy timing,
+    # which alone moved the matched ratio between 0.70 and 0.85 for one mobilenet_v2 model on this host
+    fitted = IsotonicRegression(increasing=False).fit_transform(UNIFORM_GRID, [p50[u] for u in grid])
+    print(f"{model}: uniform p50 (ms, fitted): " + ", ".join(f"{r:.2f}: {t:.3f}" for r, t in zip(UNIFORM_GRID, fitted)))
+    matched = {f: float(UNIFORM_GRID[int(np.argmin(np.abs(fitted - p50[f"{model}-lb{int(f * 100)}"])))])
+               for f in budgets}
     tuned = pipeline_runs({f"{model}-uniform{int(f * 100)}": [*common, stages(_prune(ratio=matched[f],
                                                                                       finetune=finetune))]
                            for f in budgets}, work, cache)
@@ -121,7 +124,7 @@ def _table(model: str, budgeted: dict, tuned: dict, matched: dict, pruned_only: 
         files[f"uniform {f:.0%}"] = tuned[f"{model}-uniform{int(f * 100)}"][0] / "stages/02-prune/onnx/model.onnx"
     p50 = side_by_side(files, batch=1, runs=200)
     train_accuracy = next(r for r in first[1] if r["stage"] == "train" and r["target"] is None)["accuracy"]
-    rows, verdict = [], {"budget_met": True, "gain_at_30": []}
+    rows, verdict = [], {"budget_met": True, "budget_met_again": True, "gain_at_30": []}
     print(f"\n{model}: side by side on this host (ONNX Runtime FP32, batch 1, interleaved rounds)")
     print(f"{'model':<22}{'ratio':>14}{'p50 ms':>9}{'of fp32':>9}{'budget':>8}{'stage p50':>11}{'acc %':>8}"
           f"{'before ft':>10}{'search s':>10}{'cands':>7}")
@@ -133,6 +136,9 @@ def _table(model: str, budgeted: dict, tuned: dict, matched: dict, pruned_only: 
         before = {"lb": _before_finetuning(search), "uniform": pruned_only[f]}
         met = search["measured_p50_ms"] <= search["budget_ms"]
         verdict["budget_met"] &= met
+        # timed again here, beside the FP32 model: the budget is a fraction of the FP32 p50
+        met_again = p50[f"latency budget {f:.0%}"] / p50["fp32"] <= f
+        verdict["budget_met_again"] &= met_again
         gain = lb["accuracy"] - un["accuracy"]
         # the grid's match, timed again beside it: on a noisy host the two can end far apart, and a gain against a
         # slower (or faster) uniform model is not a gain at equal latency
@@ -156,9 +162,12 @@ def _table(model: str, budgeted: dict, tuned: dict, matched: dict, pruned_only: 
         rows.append({"budget": f, "latency_budget": budget_row,
                      "uniform": {"ratio": matched[f], "accuracy": un["accuracy"],
                                  "accuracy_before_finetuning": before["uniform"], "p50_ms": p50[f"uniform {f:.0%}"]},
-                     "budget_met": met, "accuracy_gain": gain, "uniform_p50_gap": gap, "equal_latency": equal})
+                     "budget_met": met, "budget_met_again": met_again, "accuracy_gain": gain,
+                     "uniform_p50_gap": gap, "equal_latency": equal})
+        again = p50[f"latency budget {f:.0%}"] / p50["fp32"]
         print(f"  budget {f:.0%}: stage measured {search['measured_p50_ms']:.3f} ms ≤ {search['budget_ms']:.3f} ms "
-              f"→ {'met' if met else 'MISSED'}; latency budget − uniform = {gain:+.2f} points; uniform's p50 "
+              f"→ {'met' if met else 'MISSED'}, timed again here {again:.2f} of FP32 → "
+              f"{'met' if met_again else 'MISSED'}; latency budget − uniform = {gain:+.2f} points; uniform's p50 "
               f"{gap:+.0%} of the latency budget model's → " +
               ("equal latency" if equal else f"not equal latency (beyond ±{EQUAL_LATENCY:.0%}): gain not counted"))
         for c in search.get("choice", []):   # the allocations the stage compared after a short fine-tune
@@ -201,7 +210,9 @@ def summary(results: dict) -> None:
         for label, reason in r["failed"].items():
             print(f"{label}: failed: {reason}")
     met = met and not any(r["failed"] for r in models.values())
-    print(f"\ntarget: every budget met as measured → {'PASS' if met else 'MISS'}")
+    again = met and all(r.get("verdict", {}).get("budget_met_again", False) for r in models.values())
+    print(f"\ntarget: every budget met as measured by the stage → {'PASS' if met else 'MISS'}")
+    print(f"target: every budget met again in the side-by-side timing (p50 ÷ FP32 p50) → {'PASS' if again else 'MISS'}")
     target = f"target: latency budget ≥ {MIN_GAIN_POINTS} point more accurate than uniform at 30 % on one model"
     if gains:
         verdict = "PASS" if max(gains) >= MIN_GAIN_POINTS else "MISS"
