@@ -62,18 +62,21 @@ def pipeline_run(name: str, sets: list[str], work: Path, cache: Path) -> tuple[P
     return pipeline_runs({name: sets}, work, cache)[name]
 
 
-def side_by_side(files: dict[str, Path], batch: int, runs: int) -> dict[str, float]:
+def side_by_side(files: dict[str, Path], batch: int, runs: int, *, threads: int | None = None,
+                 rounds: int = ROUNDS) -> dict[str, float]:
     """Median p50 (ms) over interleaved rounds: each round times every model once, in turn. A session lives for
-    its own measurement only: ONNX Runtime's idle worker threads spin, and would slow the next model down."""
+    its own measurement only: ONNX Runtime's idle worker threads spin, and would slow the next model down.
+    `threads`: ONNX Runtime's intra-op threads (None: all cores, as the pipeline's host profiles run)."""
     rng = np.random.default_rng(0)
     p50s: dict[str, list[float]] = {label: [] for label in files}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for label, path in files.items():
-            session = OnnxRuntimeModel(path).session   # the pipeline's own session set-up
+            session = OnnxRuntimeModel(path, threads).session   # the pipeline's own session set-up
             declared = declared_input_shapes(path)
             feed = {i.name: _example(i, batch, declared.get(i.name), rng) for i in session.get_inputs()}
             stats = measure(lambda: session.run(None, feed),  # noqa: B023 (called at once, inside the loop)
-                            warmup=5, runs=max(5, runs // ROUNDS), batch_size=batch, threads=0, min_warmup_s=0.2)
+                            warmup=5, runs=max(5, runs // rounds), batch_size=batch, threads=threads or 0,
+                            min_warmup_s=0.2)
             p50s[label].append(stats.p50)
             session = None  # its thread pool goes now, before the next model's session starts
     return {label: float(np.median(values)) for label, values in p50s.items()}

@@ -20,6 +20,9 @@ def test_side_by_side_times_every_model_and_ratios_follow(tmp_path, capsys):
     matmul_model(tmp_path / "small.onnx", 16)
     p50 = side_by_side({"big": tmp_path / "big.onnx", "small": tmp_path / "small.onnx"}, batch=8, runs=50)
     assert p50["big"] > p50["small"] > 0
+    one_thread = side_by_side({"big": tmp_path / "big.onnx", "small": tmp_path / "small.onnx"}, batch=8, runs=50,
+                              threads=1, rounds=2)
+    assert one_thread["big"] > one_thread["small"] > 0
     result = table("T", "big", {"big": (tmp_path / "big.onnx", 90.0), "small": (tmp_path / "small.onnx", 89.0)},
                    Target(min_speedup=1.0, max_drop=0.5), runs=40)
     big, small = result["rows"]
