@@ -136,9 +136,6 @@ def _scatter(target: str, runs: list[RunRecord]) -> str:
     front = pareto_front(points)
     ax.step([p["p50"] for p in front], [p["y"] for p in front], where="post", color="grey", linestyle="--",
             linewidth=1, zorder=2, label="Pareto front")
-    for p in [p for p in points if p["chosen"] or p in front]:   # the rest: by colour, in the tables below
-        ax.annotate(p["label"].split(" ", 1)[1], (p["p50"], p["y"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
     latencies = [p["p50"] for p in points]
     if max(latencies) > 20 * min(latencies):   # backends an order of magnitude apart: keep both readable
         ax.set_xscale("log")
@@ -148,11 +145,29 @@ def _scatter(target: str, runs: list[RunRecord]) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    _label(fig, ax, [p for p in points if p["chosen"]] + [p for p in front if not p["chosen"]])
+    fig.tight_layout()   # room for a label at the edge
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None})   # the same runs give the same page
     plt.close(fig)
     svg = buffer.getvalue()
     return f'<figure class=plot data-target="{html.escape(target)}">{svg[svg.index("<svg"):]}</figure>'
+
+
+def _label(fig, ax, points: list[dict]) -> None:
+    """Backend/precision beside the shipped points, then the front's (the rest: by colour, in the tables below).
+    A label that would cover one already drawn is left out: many jobs ship the same backend at nearly the same
+    point, and stacked labels read as none; the ring, the colour and the tables still say it."""
+    renderer = fig.canvas.get_renderer()
+    drawn = []
+    for p in points:
+        text = ax.annotate(p["label"].split(" ", 1)[1], (p["p50"], p["y"]), fontsize=7, xytext=(4, 3),
+                           textcoords="offset points")
+        box = text.get_window_extent(renderer)
+        if any(box.overlaps(other) for other in drawn):
+            text.remove()
+        else:
+            drawn.append(box)
 
 
 @functools.cache

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from edgesmith.pipeline.html_report import ReportError, RunRecord, _points, load_runs, pareto_front
+from edgesmith.pipeline.html_report import ReportError, RunRecord, _points, _scatter, load_runs, pareto_front
 
 
 def _candidate(target, backend, precision, p50, accuracy=None, cosine=None, status="passed", metric="auto"):
@@ -32,6 +32,14 @@ def test_each_device_plots_the_metric_where_every_candidate_has_one_else_fidelit
                                                      metric="none")])
     points, axis = _points("x86-host", [classifier, encoder])   # one run without a metric: fidelity for all
     assert axis == "cosine to the reference model" and [p["y"] for p in points] == [0.99, 1.0, 0.995]
+
+
+def test_a_label_that_would_cover_another_is_left_out():
+    runs = [RunRecord(name, "m", "r", [_candidate("x86-host", "onnxruntime", "int8", 0.5, accuracy=accuracy,
+                                                  status="chosen")]) for name, accuracy in (("a", 97.0), ("b", 97.1))]
+    runs.append(RunRecord("c", "m", "r", [_candidate("x86-host", "tvm", "fp32", 5.0, accuracy=90.0, status="chosen")]))
+    svg = _scatter("x86-host", runs)
+    assert svg.count(">onnxruntime/int8<") == 1 and svg.count(">tvm/fp32<") == 1
 
 
 def test_a_folder_that_is_neither_a_run_nor_a_batch_is_one_line(tmp_path):
